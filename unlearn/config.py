@@ -1,0 +1,55 @@
+"""Configuration errors and validation of the composed config."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is accepted."""
+
+
+REQUIRED = {"model": ("name", "_target_", "sampler"), "formulation": ("name", "_target_", "threshold_factor"),
+            "method": ("name", "_target_"), "train": ("dual_steps", "primal_steps_per_dual", "final_samples")}
+
+
+def _num(cfg, key, cast=float):
+    node, _, leaf = key.rpartition(".")
+    try:
+        return cast(cfg.select(key) if hasattr(cfg, "select") else None)
+    except Exception:
+        raise ConfigError(f"{key} must be a number (got {leaf!r})") from None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that do not need a model; each error names the key and what is accepted."""
+    from omegaconf import OmegaConf
+
+    for group, keys in REQUIRED.items():
+        if group not in cfg or cfg[group] is None:
+            raise ConfigError(f"config group '{group}' is missing")
+        for k in keys:
+            if k not in cfg[group]:
+                raise ConfigError(f"{group}.{k} is missing")
+
+    def number(key, cast=float):
+        v = OmegaConf.select(cfg, key)
+        try:
+            return cast(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number (got {v!r})") from None
+
+    tf = number("formulation.threshold_factor")
+    if not tf > 0:
+        raise ConfigError(f"formulation.threshold_factor must be > 0 (got {tf})")
+    if number("train.dual_steps", int) < 0:
+        raise ConfigError("train.dual_steps must be >= 0")
+    if number("train.primal_steps_per_dual", int) < 0:
+        raise ConfigError("train.primal_steps_per_dual must be >= 0")
+    if number("train.final_samples", int) < 1:
+        raise ConfigError("train.final_samples must be >= 1")
+    for key in ("formulation.batch_size", "formulation.primal_batch_size"):
+        if OmegaConf.select(cfg, key) is not None and number(key, int) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+    if OmegaConf.select(cfg, "method.dual_lr") is not None and bool(cfg.method.get("learnable", True)):
+        if not number("method.dual_lr") > 0:
+            raise ConfigError(f"method.dual_lr must be > 0 (got {cfg.method.dual_lr})")

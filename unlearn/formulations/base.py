@@ -1,0 +1,105 @@
+"""The interface every formulation implements, shared by the primal-dual driver."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from ..config import ConfigError
+from ..models.base import ScoreModel
+from ..samplers import GaussianSampler
+from ..setup import UnlearningSetup
+
+
+@dataclass
+class OracleTarget:
+    """Which exact target (oracle formulation name and multipliers) a run aims at."""
+
+    formulation: str
+    multipliers: list[float]
+
+
+class Formulation:
+    """An unlearning problem: objective, constraints and the primal step of its Lagrangian.
+
+    Constraints are ``value >= threshold`` (``sense = "ge"``: RU, FU) or
+    ``value <= threshold`` (``sense = "le"``: LU). ``violation`` is positive when violated, so
+    the dual update is always ``mu <- proj(mu + eta_d * violation)``.
+    """
+
+    name: str = ""
+    sense: str = "ge"
+    has_primal: bool = True
+    oracle_comparable: bool = True  # do the oracle's thresholds mean the same as ours?
+
+    def __init__(self, cfg: DictConfig, setup: UnlearningSetup, sampler: GaussianSampler, generator: torch.Generator,
+                 fixed_multipliers: bool, show_progress: bool = True):
+        self.cfg, self.setup, self.sampler, self.gen = cfg, setup, sampler, generator
+        self.fixed = fixed_multipliers
+        self.show_progress = show_progress
+        factor = float(cfg.threshold_factor)
+        if not factor > 0:
+            raise ConfigError(f"formulation.threshold_factor must be > 0 (got {factor})")
+        self.factor = factor
+
+    # -- constraints -------------------------------------------------------------------------
+    def constraint_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_constraints(self) -> int:
+        return len(self.constraint_names())
+
+    def estimate(self, multipliers: torch.Tensor) -> torch.Tensor:
+        """Current constraint values (the dual subgradient's ingredients)."""
+        raise NotImplementedError
+
+    def pretrained_values(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def thresholds(self, pretrained: torch.Tensor) -> torch.Tensor:
+        return self.factor * pretrained
+
+    def violation(self, values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        return thresholds - values if self.sense == "ge" else values - thresholds
+
+    def satisfied(self, values: torch.Tensor, thresholds: torch.Tensor, rel_tol: float) -> list[bool]:
+        slack = rel_tol * thresholds.abs()
+        ok = values >= thresholds - slack if self.sense == "ge" else values <= thresholds + slack
+        return [bool(v) for v in ok]
+
+    def project(self, mu: torch.Tensor) -> torch.Tensor:
+        return mu
+
+    def baseline_multipliers(self, value) -> torch.Tensor:
+        v = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if v.numel() == 1:
+            v = v.expand(self.num_constraints).clone()
+        if v.numel() != self.num_constraints:
+            raise ConfigError(f"method.multiplier must be one number or a list of {self.num_constraints} "
+                              f"(got {v.numel()})")
+        if bool((v < 0).any()):
+            raise ConfigError(f"method.multiplier must be >= 0 (got {v.tolist()})")
+        return v
+
+    # -- primal ------------------------------------------------------------------------------
+    def primal_step(self, multipliers: torch.Tensor) -> dict:
+        return {}
+
+    def finalize(self, multipliers: torch.Tensor) -> dict:
+        """After the last dual step (e.g. RU's optional distillation)."""
+        return {}
+
+    def final_model(self, multipliers: torch.Tensor) -> ScoreModel:
+        """The unlearned model whose samples are evaluated."""
+        return self.setup.model
+
+    def oracle_target(self, multipliers: torch.Tensor) -> OracleTarget | None:
+        return OracleTarget(self.name, [float(v) for v in multipliers])
+
+    def trainable_state(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
+
+    def primal_optimizer(self, params, lr: float, weight_decay: float = 0.0):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,111 @@
+"""FU: forward-KL constraints (data unlearning), formulas.md FU.
+
+Primal loss ``E_retain l(x) - sum_i mu_i E_{x ~ q_i} l(x)`` with the denoising loss ``l``; only
+samples of each ``q_i`` are needed. Constraint ``i``: the forget loss of ``q_i``'s samples must
+rise to ``threshold_factor`` times its pretrained value (the forget loss stands in for
+``KL(q_i || p)`` up to a constant). It is measured with fixed evaluation noise (common random
+numbers), so the pretrained and the current model are compared on the same draws.
+``multipliers: per_sample`` gives each forget sample its own constraint and multiplier.
+Baseline: one fixed equal weight for every forget constraint (SISS without importance sampling).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..estimators import denoising_loss
+from .base import Formulation, OracleTarget
+
+
+class ForwardKLUnlearning(Formulation):
+    name = "fu"
+    sense = "ge"
+    GROUPINGS = ("per_component", "per_sample")
+    oracle_comparable = False  # our constraint is on the forget loss, the oracle's on KL(q_i || p)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.grouping = str(self.cfg.multipliers)
+        if self.grouping not in self.GROUPINGS:
+            raise ConfigError(f"formulation.multipliers must be one of {list(self.GROUPINGS)} (got {self.grouping!r})")
+        if not self.setup.forget_sets:
+            raise ConfigError("formulation=fu needs forget samples")
+        if self.grouping == "per_sample":
+            self.groups = [x[j:j + 1] for x in self.setup.forget_sets for j in range(len(x))]
+            self.group_names = [f"{n}#{j}" for n, x in zip(self.setup.concept_names, self.setup.forget_sets)
+                                for j in range(len(x))]
+            self.owner = [i for i, x in enumerate(self.setup.forget_sets) for _ in range(len(x))]
+        else:
+            self.groups = list(self.setup.forget_sets)
+            self.group_names = list(self.setup.concept_names)
+            self.owner = list(range(len(self.groups)))
+        self.forget = torch.cat(self.groups)
+        self.index = torch.cat([torch.full((len(g),), k) for k, g in enumerate(self.groups)])
+        if self.factor <= 1.0:
+            raise ConfigError(f"formulation.threshold_factor must be > 1 for fu (forget loss must rise; got {self.factor})")
+        # fixed evaluation noise for the constraint estimates (common random numbers)
+        k = int(self.cfg.eval_draws)
+        g = torch.Generator().manual_seed(int(self.cfg.get("eval_seed", 0)))
+        T = self.setup.schedule.T
+        self.eval_t = torch.randint(0, T, (k, len(self.forget)), generator=g)
+        self.eval_e = torch.randn((k, *self.forget.shape), generator=g)
+        self.retain_pool = None
+        if self.setup.retain_sampler is None:
+            n = int(self.cfg.retain_pool)
+            with torch.no_grad():
+                self.retain_pool = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
+        self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
+                                         float(self.cfg.get("weight_decay", 0.0)))
+
+    def constraint_names(self):
+        return [f"forget_loss[{n}]" for n in self.group_names]
+
+    def _group_losses(self, model) -> torch.Tensor:
+        per = torch.zeros(len(self.forget))
+        with torch.no_grad():
+            for t, e in zip(self.eval_t, self.eval_e):
+                per += denoising_loss(model, self.forget, t=t, noise=e, cond=self.setup.cond, reduce=False).cpu()
+        per /= len(self.eval_t)
+        return torch.zeros(len(self.groups)).index_add_(0, self.index, per) / torch.bincount(self.index).float()
+
+    def pretrained_values(self):
+        return self._group_losses(self.setup.pretrained)
+
+    def estimate(self, multipliers):
+        return self._group_losses(self.setup.model)
+
+    def _retain_batch(self, n):
+        if self.setup.retain_sampler is not None:
+            return self.setup.retain_sampler(n, self.gen)
+        idx = torch.randint(0, len(self.retain_pool), (n,), generator=self.gen)
+        return self.retain_pool[idx]
+
+    def primal_step(self, multipliers):
+        model, n = self.setup.model, int(self.cfg.primal_batch_size)
+        retain = denoising_loss(model, self._retain_batch(n), self.gen, cond=self.setup.cond)
+        nf = int(self.cfg.forget_batch_size)
+        idx = torch.randint(0, len(self.forget), (min(nf, len(self.forget)) if nf > 0 else len(self.forget),),
+                            generator=self.gen)
+        per = denoising_loss(model, self.forget[idx], self.gen, cond=self.setup.cond, reduce=False)
+        # sample s carries weight mu_{group(s)} / |group(s)|; the minibatch sum is rescaled to be unbiased
+        w = self._sample_weights(multipliers)[idx]
+        forget_term = (w * per).sum() * (len(self.forget) / len(idx))
+        loss = retain - forget_term
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = float(self.cfg.get("grad_clip", 0.0))
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), clip)
+        self.opt.step()
+        return {"loss": float(loss), "retain_loss": float(retain), "forget_term": float(forget_term)}
+
+    def _sample_weights(self, multipliers) -> torch.Tensor:
+        sizes = torch.bincount(self.index, minlength=len(self.groups)).float()
+        return (torch.as_tensor(multipliers, dtype=torch.float32) / sizes)[self.index]
+
+    def oracle_target(self, multipliers):
+        # the weight on each forget set's empirical distribution: the sum of its samples' weights
+        w = self._sample_weights(multipliers)
+        comp = torch.tensor([self.owner[int(k)] for k in self.index])
+        mu = torch.zeros(len(self.setup.forget_sets)).index_add_(0, comp, w)
+        return OracleTarget("fu", mu.tolist())

@@ -1,0 +1,115 @@
+"""LU: likelihood constraints (formulas.md, LU).
+
+``min KL(p || p_pre)  s.t.  E_p[l_i] <= b_i`` with ``l_i = q_i / p_pre`` estimated from
+denoising errors (Lemma 2). The primal step minimises
+``E_p[sum_i lam_i l_i(x_0)] + KL(p || p_pre)``: the reward term by a DPOK-style policy gradient
+with a batch-mean baseline (``gradient: policy``) or by back-propagation through the sampler
+(``gradient: reparam``); the KL term is the pathwise KL along the model's own trajectories.
+Under fixed multipliers (``method=baseline``) the primal step instead distils the ESD-style
+concept-erasing target ``eps_pre + eta (eps_pre - eps_q)`` (= RU with ``mu = eta / (1 + eta)``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..estimators import log_likelihood_ratio, trajectory_kl
+from ..models.base import ComposedScore
+from .base import Formulation, OracleTarget
+
+
+class LikelihoodUnlearning(Formulation):
+    name = "lu"
+    sense = "le"
+    GRADIENTS = ("policy", "reparam")
+    LIKELIHOODS = ("estimator", "exact")
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        if not self.setup.concepts:
+            raise ConfigError("formulation=lu needs a model of each unlearning concept (model.unlearn)")
+        self.gradient = str(self.cfg.gradient)
+        if self.gradient not in self.GRADIENTS:
+            raise ConfigError(f"formulation.gradient must be one of {list(self.GRADIENTS)} (got {self.gradient!r})")
+        self.likelihood_mode = str(self.cfg.likelihood)
+        if self.likelihood_mode not in self.LIKELIHOODS:
+            raise ConfigError(f"formulation.likelihood must be one of {list(self.LIKELIHOODS)} "
+                              f"(got {self.likelihood_mode!r})")
+        if self.likelihood_mode == "exact" and self.setup.oracle is None:
+            raise ConfigError("formulation.likelihood=exact needs a model with an exact oracle (model=gmm, dim <= 2)")
+        self.kl_weight = float(self.cfg.get("kl_weight", 1.0))
+        gs = self.cfg.get("grad_timesteps")
+        self.grad_steps = int(gs) if gs else None  # sampler steps per primal gradient (None: all)
+        self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
+                                         float(self.cfg.get("weight_decay", 0.0)))
+
+    def constraint_names(self):
+        return [f"E_p[l({n})]" for n in self.setup.concept_names]
+
+    # -- likelihood ----------------------------------------------------------------------------
+    def likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """``l_i(x) = q_i(x) / p_pre(x)``, shape (N, m); differentiable in ``x`` for reparam."""
+        if self.likelihood_mode == "exact":
+            return torch.exp(self.setup.oracle.log_l(x)).to(x.dtype)
+        llr = log_likelihood_ratio(x, self.setup.concepts, self.setup.pretrained,
+                                   num_timesteps=int(self.cfg.likelihood_timesteps),
+                                   num_noise=int(self.cfg.likelihood_noise), generator=self.gen,
+                                   antithetic=bool(self.cfg.get("antithetic", True)),
+                                   cond_q=self.setup.concept_conds or None, cond_p=self.setup.cond)
+        # exp() of a noisy log-ratio is heavy-tailed; clipping l trades a small bias for far less variance
+        clip = self.cfg.get("likelihood_clip")
+        return torch.exp(llr).clamp(max=float(clip)) if clip else torch.exp(llr)
+
+    def _expected_likelihood(self, model) -> torch.Tensor:
+        x = self.sampler.sample(model, int(self.cfg.batch_size), self.gen, cond=self.setup.cond).x0
+        with torch.no_grad():
+            return self.likelihood(x).mean(0)
+
+    def pretrained_values(self):
+        return self._expected_likelihood(self.setup.pretrained)
+
+    def estimate(self, multipliers):
+        return self._expected_likelihood(self.setup.model)
+
+    # -- primal --------------------------------------------------------------------------------
+    def esd_target(self, multipliers) -> ComposedScore:
+        eta = torch.as_tensor(multipliers, dtype=torch.float32)
+        return ComposedScore([self.setup.pretrained, *self.setup.concepts], torch.cat([(1 + eta.sum()).view(1), -eta]))
+
+    def primal_step(self, multipliers):
+        model, n = self.setup.model, int(self.cfg.primal_batch_size)
+        cond = self.setup.cond
+        if self.fixed:
+            traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
+            loss = trajectory_kl(model, self.esd_target(multipliers), self.sampler, traj, cond=cond,
+                                 num_steps=self.grad_steps, generator=self.gen).mean()
+            out = {"esd_kl": loss.item()}
+        elif self.gradient == "policy":
+            traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
+            with torch.no_grad():
+                reward = (self.likelihood(traj.x0) * multipliers[None]).sum(1)
+            adv = reward - reward.mean()
+            logp, kl = self.sampler.step_terms(model, traj, self.setup.pretrained, cond=cond, ref_cond=cond,
+                                               num_steps=self.grad_steps, generator=self.gen)
+            loss = (adv * logp).mean() + self.kl_weight * kl.mean()
+            out = {"penalty": reward.mean().item(), "kl": kl.mean().item()}
+        else:
+            traj = self.sampler.sample(model, n, self.gen, cond=cond, grad=True, record=True)
+            penalty = (self.likelihood(traj.x0) * multipliers[None]).sum(1).mean()
+            kl = trajectory_kl(model, self.setup.pretrained, self.sampler, traj, cond=cond)
+            loss = penalty + self.kl_weight * kl.mean()
+            out = {"penalty": penalty.item(), "kl": kl.mean().item()}
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = float(self.cfg.get("grad_clip", 0.0))
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), clip)
+        self.opt.step()
+        out["loss"] = loss.item()
+        return out
+
+    def oracle_target(self, multipliers):
+        if self.fixed:  # ESD target p_pre^{1+eta} q^{-eta} = RU target with mu = eta / (1 + eta)
+            eta = torch.as_tensor(multipliers, dtype=torch.float64)
+            return OracleTarget("ru", (eta / (1 + eta.sum())).tolist())
+        return OracleTarget("lu", [float(v) for v in multipliers])

@@ -1,0 +1,87 @@
+"""The one score-model interface every sampler, estimator and formulation sees.
+
+A :class:`ScoreModel` predicts the noise ``eps(x_t, t, cond)`` at discrete timesteps
+``t in {0..T-1}`` of its :class:`~unlearn.schedule.NoiseSchedule`. Backbones (the GMM ResNet,
+exact GMM denoisers, diffusers UNets) are wrapped so that they all look alike; compositions of
+models (the RU target) are score models too.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..schedule import NoiseSchedule
+
+
+class ScoreModel(nn.Module):
+    """Noise prediction at discrete timesteps, with its schedule and sample shape."""
+
+    schedule: NoiseSchedule
+    sample_shape: tuple[int, ...]
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x, t, cond=None):
+        return self.eps(x, t, cond)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def frozen_copy(self) -> "ScoreModel":
+        """A deep copy with gradients switched off (the pretrained reference)."""
+        other = copy.deepcopy(self)
+        for p in other.parameters():
+            p.requires_grad_(False)
+        other.eval()
+        return other
+
+    @staticmethod
+    def _timesteps(t, x: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return t.long()
+
+
+class ComposedScore(ScoreModel):
+    """``eps = (w_0 eps_0 + sum_i w_i eps_i) / norm``: the RU target's score composition.
+
+    For the reverse-KL target: ``eps_rev = (eps_pre - sum_i mu_i eps_i) / (1 - mu_bar)``,
+    built with :meth:`reverse_kl`.
+    """
+
+    def __init__(self, models: Sequence[ScoreModel], weights: torch.Tensor):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
+        self.schedule = models[0].schedule
+        self.sample_shape = models[0].sample_shape
+
+    @classmethod
+    def reverse_kl(cls, pretrained: ScoreModel, concepts: Sequence[ScoreModel], mu: torch.Tensor):
+        mu = torch.as_tensor(mu, dtype=torch.float32).detach()
+        mu_bar = float(mu.sum())
+        if mu_bar >= 1.0:
+            raise ValueError(f"RU target needs sum of multipliers < 1 (got {mu_bar:.4f})")
+        w = torch.cat([torch.ones(1), -mu]) / (1.0 - mu_bar)
+        return cls([pretrained, *concepts], w)
+
+    def eps(self, x, t, cond=None):
+        out = 0.0
+        for w, m in zip(self.weights, self.models):
+            out = out + w * m.eps(x, t, cond)
+        return out
+
+    def trainable_parameters(self):
+        return []
+
+
+def freeze(models: Iterable[nn.Module]):
+    for m in models:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        m.eval()

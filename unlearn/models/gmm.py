@@ -1,0 +1,335 @@
+"""Gaussian mixtures: exact densities, exact noisy denoisers, and the unlearning oracle.
+
+Everything here is closed form (or a quadrature on a grid), so tests and metrics can compare
+learned models, samplers and estimators against exact answers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..schedule import NoiseSchedule
+from .base import ScoreModel
+
+
+class GaussianMixture:
+    """Isotropic Gaussian mixture ``sum_k w_k N(m_k, s_k^2 I)`` in ``dim`` dimensions."""
+
+    def __init__(self, means, stds, weights):
+        self.means = torch.as_tensor(np.asarray(means, dtype=np.float64))
+        self.stds = torch.as_tensor(np.asarray(stds, dtype=np.float64))
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        self.weights = w / w.sum()
+        if self.means.ndim != 2:
+            raise ValueError("means must be a list of points")
+        if not (len(self.means) == len(self.stds) == len(self.weights)):
+            raise ValueError("means, stds and weights must have the same length")
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def num_components(self) -> int:
+        return len(self.weights)
+
+    def subset(self, idx: Sequence[int]) -> "GaussianMixture":
+        idx = list(idx)
+        return GaussianMixture(self.means[idx], self.stds[idx], self.weights[idx])
+
+    def noisy(self, abar: float) -> "GaussianMixture":
+        """The marginal of ``x_t = sqrt(abar) x_0 + sqrt(1-abar) e``."""
+        var = abar * self.stds**2 + (1.0 - abar)
+        return GaussianMixture(math.sqrt(abar) * self.means, var.sqrt(), self.weights)
+
+    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log w_k + log N(x; m_k, s_k^2 I)``, shape (N, K)."""
+        x = x.to(torch.float64)
+        d = self.dim
+        sq = ((x[:, None, :] - self.means[None]) ** 2).sum(-1)
+        var = self.stds**2
+        return (torch.log(self.weights) - 0.5 * d * torch.log(2 * math.pi * var))[None] - sq / (2 * var[None])
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.component_log_prob(x), dim=1)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        x64 = x.to(torch.float64)
+        r = torch.softmax(self.component_log_prob(x64), dim=1)  # responsibilities (N, K)
+        var = self.stds**2
+        per = -(x64[:, None, :] - self.means[None]) / var[None, :, None]
+        return (r[:, :, None] * per).sum(1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k, None] * z).float()
+
+    def nearest_component(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(x.to(torch.float64), self.means).argmin(1)
+
+
+class ExactGMMScore(ScoreModel):
+    """The exact noise prediction of a Gaussian mixture at every timestep of a schedule."""
+
+    def __init__(self, gmm: GaussianMixture, schedule: NoiseSchedule):
+        super().__init__()
+        self.gmm = gmm
+        self.schedule = schedule
+        self.sample_shape = (gmm.dim,)
+
+    def eps(self, x, t, cond=None):
+        t = self._timesteps(t, x)
+        abar = self.schedule.abar.to(torch.float64)[t.cpu()].to(x.device)  # (N,)
+        x64 = x.to(torch.float64)
+        m = self.gmm.means.to(x.device)
+        var = abar[:, None] * (self.gmm.stds.to(x.device) ** 2)[None] + (1 - abar[:, None])  # (N, K)
+        mean = abar.sqrt()[:, None, None] * m[None]  # (N, K, d)
+        sq = ((x64[:, None, :] - mean) ** 2).sum(-1)
+        logc = torch.log(self.gmm.weights.to(x.device))[None] - 0.5 * self.gmm.dim * torch.log(var) - sq / (2 * var)
+        r = torch.softmax(logc, dim=1)
+        score = (r[:, :, None] * (-(x64[:, None, :] - mean) / var[:, :, None])).sum(1)
+        return (-(1 - abar).sqrt()[:, None] * score).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grid quadrature
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Grid:
+    """A regular grid in 1-D or 2-D with cell volume ``dv``."""
+
+    axes: list[np.ndarray]
+
+    @classmethod
+    def around(cls, centers: np.ndarray, margin: float, n: int = 256) -> "Grid":
+        lo = centers.min(0) - margin
+        hi = centers.max(0) + margin
+        return cls([np.linspace(lo[j], hi[j], n) for j in range(centers.shape[1])])
+
+    @property
+    def dim(self) -> int:
+        return len(self.axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(a) for a in self.axes)
+
+    @property
+    def dv(self) -> float:
+        return float(np.prod([a[1] - a[0] for a in self.axes]))
+
+    @property
+    def points(self) -> torch.Tensor:
+        mesh = np.meshgrid(*self.axes, indexing="ij")
+        return torch.as_tensor(np.stack([m.ravel() for m in mesh], 1))
+
+    def normalize_log(self, logp: torch.Tensor) -> torch.Tensor:
+        """Normalise an unnormalised log-density on the grid to integrate to 1."""
+        return logp - torch.logsumexp(logp, 0) - math.log(self.dv)
+
+    def expect(self, logp: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(logp, 0)
+        return (w[:, None] * f.reshape(len(w), -1)).sum(0)
+
+    def kl(self, logp: torch.Tensor, logq: torch.Tensor) -> float:
+        """KL(p || q) of two normalised grid log-densities."""
+        p = torch.exp(logp) * self.dv
+        mask = p > 1e-300
+        return float((p[mask] * (logp[mask] - logq[mask])).sum())
+
+    def smooth(self, density: np.ndarray, bandwidth: float) -> np.ndarray:
+        """Convolve a grid density with an isotropic Gaussian kernel (separable)."""
+        out = density.reshape(self.shape)
+        for j, a in enumerate(self.axes):
+            h = a[1] - a[0]
+            half = int(math.ceil(4 * bandwidth / h))
+            k = np.exp(-0.5 * (np.arange(-half, half + 1) * h / bandwidth) ** 2)
+            k /= k.sum()
+            out = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), j, out)
+        return out.ravel()
+
+    def kde_log_density(self, samples: np.ndarray, bandwidth: float) -> torch.Tensor:
+        """Histogram of samples on the grid smoothed by a Gaussian kernel, as a log-density."""
+        edges = [np.concatenate([a - (a[1] - a[0]) / 2, [a[-1] + (a[1] - a[0]) / 2]]) for a in self.axes]
+        hist, _ = np.histogramdd(samples.reshape(len(samples), -1), bins=edges)
+        dens = self.smooth(hist.ravel().astype(np.float64), bandwidth)
+        dens = np.maximum(dens, 1e-300)
+        return self.normalize_log(torch.as_tensor(np.log(dens)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracle: exact targets, constraint values and optimal multipliers
+# ----------------------------------------------------------------------------------------------
+class GMMOracle:
+    """Exact side of the GMM problems (formulas.md section 1), by quadrature on a grid.
+
+    ``p_pre`` is the mixture, ``q_i`` the component ``unlearn[i]``, ``l_i = q_i / p_pre``.
+    """
+
+    FORMULATIONS = ("ru", "fu", "lu")
+
+    def __init__(self, gmm: GaussianMixture, unlearn: Sequence[int], grid_size: int = 256):
+        if gmm.dim > 2:
+            raise ValueError("the grid oracle supports dim 1 or 2")
+        self.gmm = gmm
+        self.unlearn = list(unlearn)
+        self.retain = [k for k in range(gmm.num_components) if k not in self.unlearn]
+        self.concepts = [gmm.subset([i]) for i in self.unlearn]
+        self.retained = gmm.subset(self.retain) if self.retain else None
+        self.grid_size = grid_size
+        self._grids: dict = {}
+
+    # -- grids -------------------------------------------------------------------------------
+    def grid(self, spread: float = 1.0) -> Grid:
+        """A grid covering the mixture; ``spread`` > 1 widens it (RU targets move modes out)."""
+        key = round(spread, 3)
+        if key not in self._grids:
+            m = self.gmm.means.numpy()
+            c = m.mean(0)
+            centers = c + spread * (m - c)
+            margin = 7.0 * float(self.gmm.stds.max())
+            n = int(min(self.grid_size * math.sqrt(spread), 3 * self.grid_size))
+            self._grids[key] = Grid.around(centers, margin, n)
+        return self._grids[key]
+
+    def _ru_spread(self, mu) -> float:
+        mu_bar = float(np.asarray(mu, dtype=np.float64).sum())
+        return min(1.0 + 2.0 * mu_bar / max(1.0 - mu_bar, 1e-3), 8.0)
+
+    # -- basic quantities on a grid ----------------------------------------------------------
+    def log_pre(self, x):
+        return self.gmm.log_prob(x)
+
+    def log_q(self, x):
+        return torch.stack([q.log_prob(x) for q in self.concepts], 1)
+
+    def log_l(self, x):
+        """``log l_i(x) = log q_i(x) - log p_pre(x)``, shape (N, m)."""
+        return self.log_q(x) - self.log_pre(x)[:, None]
+
+    def likelihood(self, x):
+        return torch.exp(self.log_l(x))
+
+    # -- targets -----------------------------------------------------------------------------
+    def target_log_density(self, formulation: str, multipliers, grid: Grid | None = None):
+        """Normalised log-density of the exact optimal target on a grid; returns (grid, logp)."""
+        mu = torch.as_tensor(np.asarray(multipliers, dtype=np.float64)).reshape(-1)
+        if len(mu) != len(self.unlearn):
+            raise ValueError(f"expected {len(self.unlearn)} multipliers, got {len(mu)}")
+        if formulation == "ru":
+            mu_bar = float(mu.sum())
+            if mu_bar >= 1:
+                raise ValueError(f"RU target needs sum of multipliers < 1 (got {mu_bar})")
+            grid = grid or self.grid(self._ru_spread(mu))
+            x = grid.points
+            logp = (self.log_pre(x) - (self.log_q(x) * mu[None]).sum(1)) / (1 - mu_bar)
+        elif formulation == "lu":
+            grid = grid or self.grid()
+            x = grid.points
+            logp = self.log_pre(x) - (self.likelihood(x) * mu[None]).sum(1)
+        elif formulation == "fu":
+            grid = grid or self.grid()
+            x = grid.points
+            p = torch.exp(self.log_pre(x)) - (torch.exp(self.log_q(x)) * mu[None]).sum(1)
+            if float(p.min()) < -1e-12 * float(torch.exp(self.log_pre(x)).max()):
+                raise ValueError("FU target needs p_pre >= sum_i mu_i q_i everywhere")
+            logp = torch.log(torch.clamp(p, min=1e-300))
+        else:
+            raise ValueError(f"formulation must be one of {self.FORMULATIONS}")
+        return grid, grid.normalize_log(logp)
+
+    def constraint_values(self, formulation: str, multipliers) -> np.ndarray:
+        """The constraint quantities of each problem, evaluated at its exact target."""
+        grid, logp = self.target_log_density(formulation, multipliers)
+        x = grid.points
+        if formulation == "ru":  # KL(p_rev || q_i)
+            return np.array([grid.kl(logp, grid.normalize_log(q.log_prob(x))) for q in self.concepts])
+        if formulation == "lu":  # E_p[l_i]
+            return grid.expect(logp, self.likelihood(x)).numpy()
+        # fu: KL(q_i || p_fw)
+        return np.array([grid.kl(grid.normalize_log(q.log_prob(x)), logp) for q in self.concepts])
+
+    def pretrained_values(self, formulation: str) -> np.ndarray:
+        """The constraint quantities of the pretrained model (multipliers 0)."""
+        return self.constraint_values(formulation, np.zeros(len(self.unlearn)))
+
+    def thresholds(self, formulation: str, factor: float) -> np.ndarray:
+        """Paper thresholds: RU ``factor * mean_i KL(p_pre||q_i)``; LU/FU ``factor * value_i``."""
+        pre = self.pretrained_values(formulation)
+        if formulation == "ru":
+            return np.full(len(pre), factor * pre.mean())
+        return factor * pre
+
+    def dual_function(self, formulation: str, multipliers, thresholds) -> tuple[float, np.ndarray]:
+        """Dual value D(mu) and its gradient (the constraint slack), for maximisation."""
+        mu = np.asarray(multipliers, dtype=np.float64)
+        b = np.asarray(thresholds, dtype=np.float64)
+        if formulation == "ru":
+            mu_bar = mu.sum()
+            grid = self.grid(self._ru_spread(mu))
+            x = grid.points
+            logr = (self.log_pre(x) - (self.log_q(x) * torch.as_tensor(mu)[None]).sum(1)) / (1 - mu_bar)
+            logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
+            val = -(1 - mu_bar) * logz + mu @ b
+            grad = b - self.constraint_values("ru", mu)
+        elif formulation == "lu":
+            grid = self.grid()
+            x = grid.points
+            logr = self.log_pre(x) - (self.likelihood(x) * torch.as_tensor(mu)[None]).sum(1)
+            logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
+            val = -logz - mu @ b
+            grad = self.constraint_values("lu", mu) - b
+        else:
+            grid, logp = self.target_log_density("fu", mu)
+            x = grid.points
+            p_pre = self.gmm.log_prob(x)
+            qs = self.log_q(x)
+            dv = grid.dv
+            ent = float((torch.exp(p_pre) * p_pre).sum() * dv) - sum(
+                float(mu[i] * (torch.exp(qs[:, i]) * qs[:, i]).sum() * dv) for i in range(len(mu)))
+            mix = torch.exp(p_pre) - (torch.exp(qs) * torch.as_tensor(mu)[None]).sum(1)
+            val = ent - float((mix * logp).sum() * dv) + mu @ b
+            grad = b - self.constraint_values("fu", mu)
+        return float(val), np.asarray(grad, dtype=np.float64)
+
+    def optimal_multipliers(self, formulation: str, thresholds) -> np.ndarray:
+        """Exact optimal multipliers for given thresholds (maximise the concave dual)."""
+        from scipy.optimize import brentq, minimize
+
+        b = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+        m = len(self.unlearn)
+        upper = self._upper_bounds(formulation)
+        if m == 1:
+            def slack(v):
+                return self.dual_function(formulation, [v], b)[1][0]
+            hi = upper[0]
+            if slack(0.0) <= 0:  # constraint inactive at the pretrained model
+                return np.zeros(1)
+            if slack(hi) > 0:
+                raise ValueError(f"thresholds {b} are infeasible for {formulation}")
+            return np.array([brentq(slack, 0.0, hi, xtol=1e-10, rtol=1e-10)])
+
+        def neg(v):
+            val, grad = self.dual_function(formulation, v, b)
+            return -val, -grad
+
+        cons = []
+        if formulation == "ru":
+            cons = [{"type": "ineq", "fun": lambda v: 0.98 - v.sum(), "jac": lambda v: -np.ones_like(v)}]
+        res = minimize(neg, x0=np.zeros(m), jac=True, method="SLSQP",
+                       bounds=[(0.0, u) for u in upper], constraints=cons,
+                       options={"ftol": 1e-12, "maxiter": 500})
+        return np.clip(res.x, 0, None)
+
+    def _upper_bounds(self, formulation: str) -> list[float]:
+        m = len(self.unlearn)
+        if formulation == "ru":
+            return [0.98] * m
+        if formulation == "fu":
+            return [float(self.gmm.weights[i]) * (1 - 1e-9) for i in self.unlearn]
+        return [1e3] * m

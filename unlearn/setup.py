@@ -1,0 +1,40 @@
+"""What a formulation needs from a model family, independent of the backbone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .models.base import ScoreModel
+
+
+@dataclass
+class UnlearningSetup:
+    """Models and data of one unlearning problem.
+
+    ``model`` is the trainable copy of ``pretrained`` (frozen); ``concepts[i]`` models ``q_i``
+    (RU and LU need them); ``forget_sets[i]`` holds samples of ``q_i`` (FU needs only these);
+    ``retain_sampler(n, generator)`` gives retain data (``None``: use pretrained samples).
+    ``oracle`` is the exact side where one exists (the GMM). ``evaluate`` and ``plot`` are the
+    model family's own metrics and pictures.
+    """
+
+    name: str
+    pretrained: ScoreModel
+    model: ScoreModel
+    concepts: list[ScoreModel]
+    concept_names: list[str]
+    forget_sets: list[torch.Tensor]
+    retain_sampler: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    oracle: Any = None
+    cond: Any = None
+    concept_conds: list[Any] = field(default_factory=list)
+    evaluate: Callable[..., dict] | None = None
+    plot: Callable[..., None] | None = None
+    save_samples: Callable[..., None] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def schedule(self):
+        return self.pretrained.schedule
