@@ -37,7 +37,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, cfg_logger, config: dict):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self._f = open(self.path, "a")
+        self._f = open(self.path, "w")
         self.wandb = None
         if cfg_logger is not None and str(cfg_logger.get("name", "none")) == "wandb":
             mode = str(cfg_logger.get("mode", "offline"))

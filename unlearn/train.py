@@ -34,11 +34,12 @@ def _resolve(target: str, key: str):
 def build(cfg: DictConfig, show_progress: bool = True):
     """Build the setup, sampler, formulation and multipliers a config describes."""
     validate_config(cfg)
+    fixed = not bool(cfg.method.get("learnable", True))
+    formulation_cls = _resolve(str(cfg.formulation._target_), "formulation._target_")
+    formulation_cls.check_config(cfg, fixed)  # fail before any pretraining
     setup = _resolve(str(cfg.model._target_), "model._target_")(cfg, show_progress=show_progress)
     sampler = build_sampler(setup.schedule, cfg.model.sampler)
     gen = generator(int(cfg.seed))
-    fixed = not bool(cfg.method.get("learnable", True))
-    formulation_cls = _resolve(str(cfg.formulation._target_), "formulation._target_")
     formulation = formulation_cls(cfg.formulation, setup, sampler, gen, fixed_multipliers=fixed,
                                   show_progress=show_progress)
     multipliers = build_multipliers(cfg.method, formulation)
@@ -69,7 +70,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     n = int(cfg.train.final_samples)
     final = formulation.final_model(mu)
     eval_gen = generator(int(cfg.seed) + 999)
-    samples = sampler.sample(final, n, eval_gen, cond=setup.cond).x0.detach()
+    samples = formulation.final_samples(mu, n, eval_gen)
+    if samples is None:
+        samples = sampler.sample(final, n, eval_gen, cond=setup.cond).x0.detach()
     pre_samples = sampler.sample(setup.pretrained, n, generator(int(cfg.seed) + 999), cond=setup.cond).x0.detach()
     target = formulation.oracle_target(mu)
     metrics, pre_metrics = {}, {}
@@ -103,7 +106,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "threshold_factor": formulation.factor,
         "metrics": metrics,
         "pretrained_metrics": pre_metrics,
-        "extra": extra,
+        "extra": {**extra, **formulation.diagnostics(mu)},
         "setup": setup.info,
         "wall_time_s": round(time.time() - t_start, 2),
         "train_time_s": round(train_time, 2),

@@ -43,6 +43,27 @@ class Formulation:
             raise ConfigError(f"formulation.threshold_factor must be > 0 (got {factor})")
         self.factor = factor
 
+    @classmethod
+    def check_config(cls, cfg: DictConfig, fixed: bool) -> None:
+        """Checks that need no model, run before any pretraining (override to add more)."""
+        factor = float(cfg.formulation.threshold_factor)
+        if not factor > 0:
+            raise ConfigError(f"formulation.threshold_factor must be > 0 (got {factor})")
+        if fixed:
+            from omegaconf import OmegaConf
+
+            v = cfg.method.get("multiplier")
+            if v is None:
+                raise ConfigError("method.multiplier must be set for method=baseline (a number >= 0, or one per constraint)")
+            vals = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+            vals = vals if isinstance(vals, list) else [vals]
+            try:
+                vals = [float(x) for x in vals]
+            except (TypeError, ValueError):
+                raise ConfigError(f"method.multiplier must be a number or a list of numbers (got {v!r})") from None
+            if any(x < 0 for x in vals):
+                raise ConfigError(f"method.multiplier must be >= 0 (got {vals})")
+
     # -- constraints -------------------------------------------------------------------------
     def constraint_names(self) -> list[str]:
         raise NotImplementedError
@@ -94,6 +115,14 @@ class Formulation:
     def final_model(self, multipliers: torch.Tensor) -> ScoreModel:
         """The unlearned model whose samples are evaluated."""
         return self.setup.model
+
+    def diagnostics(self, multipliers: torch.Tensor) -> dict:
+        """Extra numbers for summary.json (e.g. an importance sampler's effective sample size)."""
+        return {}
+
+    def final_samples(self, multipliers: torch.Tensor, n: int, generator) -> torch.Tensor | None:
+        """Samples of the unlearned distribution when they do not come from ``final_model``."""
+        return None
 
     def oracle_target(self, multipliers: torch.Tensor) -> OracleTarget | None:
         return OracleTarget(self.name, [float(v) for v in multipliers])

@@ -41,8 +41,6 @@ class ForwardKLUnlearning(Formulation):
             self.owner = list(range(len(self.groups)))
         self.forget = torch.cat(self.groups)
         self.index = torch.cat([torch.full((len(g),), k) for k, g in enumerate(self.groups)])
-        if self.factor <= 1.0:
-            raise ConfigError(f"formulation.threshold_factor must be > 1 for fu (forget loss must rise; got {self.factor})")
         # fixed evaluation noise for the constraint estimates (common random numbers)
         k = int(self.cfg.eval_draws)
         g = torch.Generator().manual_seed(int(self.cfg.get("eval_seed", 0)))
@@ -56,6 +54,18 @@ class ForwardKLUnlearning(Formulation):
                 self.retain_pool = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
+
+    @classmethod
+    def check_config(cls, cfg, fixed):
+        super().check_config(cfg, fixed)
+        if float(cfg.formulation.threshold_factor) <= 1.0:
+            raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation=fu (the forget loss must "
+                              f"rise above its pretrained value; got {cfg.formulation.threshold_factor})")
+        if str(cfg.formulation.get("retain", "data")) not in ("data", "model"):
+            raise ConfigError(f"formulation.retain must be one of ['data', 'model'] (got {cfg.formulation.retain!r})")
+        if str(cfg.formulation.multipliers) not in cls.GROUPINGS:
+            raise ConfigError(f"formulation.multipliers must be one of {list(cls.GROUPINGS)} "
+                              f"(got {cfg.formulation.multipliers!r})")
 
     def constraint_names(self):
         return [f"forget_loss[{n}]" for n in self.group_names]

@@ -43,6 +43,15 @@ class LikelihoodUnlearning(Formulation):
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
 
+    @classmethod
+    def check_config(cls, cfg, fixed):
+        super().check_config(cfg, fixed)
+        f = cfg.formulation
+        if str(f.gradient) not in cls.GRADIENTS:
+            raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
+        if str(f.likelihood) not in cls.LIKELIHOODS:
+            raise ConfigError(f"formulation.likelihood must be one of {list(cls.LIKELIHOODS)} (got {f.likelihood!r})")
+
     def constraint_names(self):
         return [f"E_p[l({n})]" for n in self.setup.concept_names]
 

@@ -1,10 +1,21 @@
 """RU: reverse-KL constraints (concept unlearning), dual-only algorithm (formulas.md, RU).
 
-For fixed multipliers the Lagrangian minimiser is the composed score
-``eps_rev = (eps_pre - sum_i mu_i eps_i) / (1 - mu_bar)``, so the primal step is skipped:
-each dual step samples from ``eps_rev``, estimates ``KL(p_rev || q_i)`` along those
-trajectories with the pathwise estimator and moves ``mu``. Optionally the final composed model
-is distilled into the weights (primal: minimise the pathwise ``KL(p_theta || p_rev)``).
+For fixed multipliers the Lagrangian minimiser is known in closed form, so the primal step is
+skipped and each dual step only estimates ``KL(p_rev || q_i)`` and moves ``mu``. Two estimators:
+
+* ``kl_estimator: path`` (the paper's): sample the composed score
+  ``eps_rev = (eps_pre - sum_i mu_i eps_i) / (1 - mu_bar)`` and estimate the pathwise KL to each
+  ``q_i`` along those trajectories (Lemma 3). Composing noisy scores does not sample the
+  Corollary-1 target exactly (it moves modes but hardly reweights them; see README), so the
+  multipliers it finds differ from the exact optimum.
+* ``kl_estimator: ratio``: the Corollary-1 target is ``p_rev = p_pre w / Z`` with
+  ``w = exp(-sum_j mu_j llr_j / (1 - mu_bar))``, ``llr_j = log q_j - log p_pre`` (Lemma 2). Over a
+  fixed pool of pretrained samples (log-ratios computed once) the KLs follow by self-normalised
+  importance weighting: ``KL(p_rev || q_i) = E_rev[-sum_j c_j llr_j - llr_i] - log E_pre[w]``.
+
+Final samples: ``final_samples: composed`` (the composed-score sampler, or the distilled model)
+or ``resample`` (importance resampling of the pool with ``w``: samples of ``p_rev`` itself).
+Optionally the final composed model is distilled into the weights (``distill_steps``).
 """
 from __future__ import annotations
 
@@ -30,19 +41,79 @@ class ReverseKLUnlearning(Formulation):
         if not 0 < self.max_sum < 1:
             raise ConfigError(f"formulation.max_multiplier_sum must be in (0, 1) (got {self.max_sum})")
         self.distilled = False
+        self.estimator = str(self.cfg.get("kl_estimator", "path"))
+        self.final_mode = str(self.cfg.get("final_samples", "composed"))
+        self._pool = None
+
+    @classmethod
+    def check_config(cls, cfg, fixed):
+        super().check_config(cfg, fixed)
+        est, fin = str(cfg.formulation.get("kl_estimator", "path")), str(cfg.formulation.get("final_samples", "composed"))
+        if est not in cls.ESTIMATORS:
+            raise ConfigError(f"formulation.kl_estimator must be one of {list(cls.ESTIMATORS)} (got {est!r})")
+        if fin not in cls.FINALS:
+            raise ConfigError(f"formulation.final_samples must be one of {list(cls.FINALS)} (got {fin!r})")
+        if fixed:
+            from omegaconf import OmegaConf
+
+            v = OmegaConf.to_container(cfg.method.multiplier) if OmegaConf.is_config(cfg.method.multiplier) \
+                else cfg.method.multiplier
+            m = len(cfg.model.unlearn) if cfg.model.get("unlearn") is not None else 1
+            total = sum(float(x) for x in v) if isinstance(v, list) else float(v) * m
+            if total >= 1.0:
+                raise ConfigError(f"method.multiplier: fixed RU multipliers must sum to < 1 (got {total:.4g} "
+                                  f"for {m} concept(s)); accepted: values in [0, 1) whose sum is < 1")
+
+    ESTIMATORS = ("path", "ratio")
+    FINALS = ("composed", "resample")
 
     def constraint_names(self):
         return [f"KL(p||q[{n}])" for n in self.setup.concept_names]
+
+    # -- the importance-weighted (ratio) estimator -----------------------------------------------
+    def pool(self):
+        """Pretrained samples and their log-ratios ``llr_j = log q_j - log p_pre`` (computed once)."""
+        if self._pool is None:
+            from ..estimators import log_likelihood_ratio
+
+            n = int(self.cfg.get("pool_size", 4096))
+            x = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
+            with torch.no_grad():
+                llr = log_likelihood_ratio(x, self.setup.concepts, self.setup.pretrained,
+                                           num_timesteps=int(self.cfg.get("likelihood_timesteps", 32)),
+                                           generator=self.gen, cond_q=self.setup.concept_conds or None,
+                                           cond_p=self.setup.cond)
+            self._pool = (x, llr.double())
+        return self._pool
+
+    def _log_weights(self, mu: torch.Tensor) -> torch.Tensor:
+        _, llr = self.pool()
+        c = mu.double() / (1 - float(mu.sum()))
+        return -(llr * c[None]).sum(1)
+
+    def _ratio_kl(self, mu: torch.Tensor) -> torch.Tensor:
+        _, llr = self.pool()
+        logw = self._log_weights(mu)
+        w = torch.softmax(logw, 0)
+        log_z = torch.logsumexp(logw, 0) - torch.log(torch.tensor(float(len(logw)), dtype=torch.float64))
+        return ((w[:, None] * (logw[:, None] - llr)).sum(0) - log_z).float()
+
+    def effective_sample_size(self, mu) -> float:
+        w = torch.softmax(self._log_weights(torch.as_tensor(mu)), 0)
+        return float(1.0 / (w**2).sum())
 
     def composed(self, mu: torch.Tensor) -> ComposedScore:
         return ComposedScore.reverse_kl(self.setup.pretrained, self.setup.concepts, mu)
 
     def _kl_to_concepts(self, model) -> torch.Tensor:
+        """Pathwise KL(P_model || P_{q_i}) along the model's own trajectories."""
         kl = pathwise_kl(model, self.setup.concepts, self.sampler, int(self.cfg.batch_size), self.gen,
                          cond=self.setup.cond, ref_conds=self.setup.concept_conds or None)
         return kl.mean(0)
 
     def pretrained_values(self):
+        if self.estimator == "ratio":
+            return self._ratio_kl(torch.zeros(len(self.setup.concepts)))
         return self._kl_to_concepts(self.setup.pretrained)
 
     def thresholds(self, pretrained):
@@ -50,8 +121,28 @@ class ReverseKLUnlearning(Formulation):
         return torch.full_like(pretrained, self.factor * float(pretrained.mean()))
 
     def estimate(self, multipliers):
+        if self.estimator == "ratio" and not self.distilled:
+            return self._ratio_kl(multipliers)
         model = self.setup.model if self.distilled else self.composed(multipliers)
         return self._kl_to_concepts(model)
+
+    def diagnostics(self, multipliers):
+        if self._pool is None:
+            return {}
+        ess = self.effective_sample_size(multipliers)
+        out = {"pool_size": len(self._pool[0]), "effective_sample_size": round(ess, 1)}
+        if ess < 0.05 * len(self._pool[0]):
+            out["warning"] = ("importance weights are degenerate (ESS < 5% of the pool): the ratio estimates and "
+                              "resampled samples are unreliable; raise formulation.pool_size or use kl_estimator=path")
+        return out
+
+    def final_samples(self, multipliers, n: int, generator) -> torch.Tensor | None:
+        if self.final_mode != "resample" or self.distilled:
+            return None
+        x, _ = self.pool()
+        w = torch.softmax(self._log_weights(multipliers), 0)
+        idx = torch.multinomial(w.float(), n, replacement=True, generator=generator)
+        return x[idx]
 
     def project(self, mu):
         s = float(mu.sum())

@@ -57,6 +57,8 @@ def pretrain_denoiser(sample_fn, schedule, arch: dict, dim: int, steps: int, bat
     torch.manual_seed(seed)
     g = generator(seed)
     net = ResNetDenoiser(dim, schedule, **arch)
+    if net.gaussian_skip:
+        net.set_gaussian_skip(sample_fn(65536, g))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -103,7 +105,8 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSe
     gmm = GaussianMixture(OmegaConf.to_container(m.means, resolve=True), list(m.stds), list(m.weights))
     unlearn = list(m.unlearn)
     arch = dict(num_layers=int(m.denoiser.num_layers), hidden=int(m.denoiser.hidden),
-                time_embed_dim=int(m.denoiser.time_embed_dim), widen=int(m.denoiser.widen))
+                time_embed_dim=int(m.denoiser.time_embed_dim), widen=int(m.denoiser.widen),
+                gaussian_skip=bool(m.denoiser.get("gaussian_skip", False)))
     pt = m.pretrain
     base_key = dict(dim=int(m.dim), arch=arch, schedule=schedule.to_dict(), steps=int(pt.steps),
                     batch_size=int(pt.batch_size), lr=float(pt.lr), seed=int(pt.seed))

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny configs composed from the real config tree, a shared pretraining cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# tiny but real: every code path, seconds per run
+TINY = [
+    "logger=none", "progress=false",
+    "model.pretrain.steps=150", "model.pretrain.batch_size=256",
+    "model.sampler.num_steps=20",
+    "train.final_samples=512",
+    "formulation.dual_steps=2",
+]
+TINY_BY_FORMULATION = {
+    "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=16", "formulation.batch_size=32",
+           "formulation.likelihood_timesteps=4", "formulation.grad_timesteps=5"],
+    "ru": ["formulation.batch_size=64", "formulation.pool_size=256", "formulation.likelihood_timesteps=8"],
+    "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=64", "formulation.forget_samples=32",
+           "formulation.forget_batch_size=16", "formulation.eval_draws=2", "formulation.retain_pool=64"],
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _env(tmp_path_factory):
+    torch.set_num_threads(2)
+    cache = os.environ.get("UNLEARN_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    os.environ["UNLEARN_CACHE_DIR"] = cache
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+
+
+def compose_cfg(overrides=(), tiny=True):
+    from hydra import compose, initialize_config_dir
+
+    overrides = list(overrides)
+    form = next((o.split("=", 1)[1] for o in overrides if o.startswith("formulation=")), "lu")
+    base = (TINY + TINY_BY_FORMULATION.get(form, [])) if tiny else []
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=base + overrides)
+
+
+@pytest.fixture
+def cfg_factory():
+    return compose_cfg

@@ -1,0 +1,102 @@
+"""The exact side: targets, constraint values, dual functions and optimal multipliers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unlearn.models.gmm import GaussianMixture, GMMOracle
+
+GMM = GaussianMixture([[-2, 0], [2, 0], [0, 3]], [0.5, 0.5, 0.5], [1, 1, 1])
+OTHER = GaussianMixture([[-2.5, 0], [2, 0.5], [0, 3]], [0.5, 0.4, 0.6], [0.5, 0.3, 0.2])
+
+
+def test_pretrained_expected_likelihood_is_one():
+    """E_pre[q / p_pre] = 1 exactly, the paper's normalisation."""
+    for g, idx in [(GMM, [2]), (OTHER, [1, 2])]:
+        assert np.allclose(GMMOracle(g, idx).pretrained_values("lu"), 1.0, atol=1e-6)
+
+
+def test_fu_pretrained_kl_is_log_inverse_weight_for_separated_components():
+    o = GMMOracle(GMM, [2])
+    assert abs(o.pretrained_values("fu")[0] - math.log(3)) < 0.01
+
+
+@pytest.mark.parametrize("form,mu", [("ru", [0.3]), ("lu", [2.0]), ("fu", [0.2])])
+def test_targets_are_normalised_and_follow_their_formula(form, mu):
+    o = GMMOracle(GMM, [2])
+    grid, logp = o.target_log_density(form, mu)
+    assert abs(float(torch.exp(logp).sum()) * grid.dv - 1) < 1e-9
+    x = torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    lp, lq = GMM.log_prob(x), GMM.subset([2]).log_prob(x)
+    if form == "ru":
+        un = (lp - mu[0] * lq) / (1 - mu[0])
+    elif form == "lu":
+        un = lp - mu[0] * torch.exp(lq - lp)
+    else:
+        un = torch.log(torch.exp(lp) - mu[0] * torch.exp(lq))
+    # ratio of target densities at two points equals the ratio of the unnormalised formula
+    idx = [int(np.argmin(((grid.points.numpy() - p.numpy()) ** 2).sum(1))) for p in x]
+    ref_un = []
+    for i in idx:
+        p = grid.points[i:i + 1]
+        lp_, lq_ = GMM.log_prob(p), GMM.subset([2]).log_prob(p)
+        ref_un.append(float((lp_ - mu[0] * lq_) / (1 - mu[0]) if form == "ru" else
+                            (lp_ - mu[0] * torch.exp(lq_ - lp_) if form == "lu" else
+                             torch.log(torch.exp(lp_) - mu[0] * torch.exp(lq_)))))
+    assert abs(float(logp[idx[0]] - logp[idx[1]]) - (ref_un[0] - ref_un[1])) < 1e-9
+    assert torch.isfinite(un).all()
+
+
+def test_invalid_multipliers_are_rejected():
+    o = GMMOracle(GMM, [2])
+    with pytest.raises(ValueError, match="sum of multipliers < 1"):
+        o.target_log_density("ru", [1.0])
+    with pytest.raises(ValueError, match="p_pre >= sum"):
+        o.target_log_density("fu", [0.5])  # the component's weight is 1/3
+
+
+@pytest.mark.parametrize("form", ["ru", "lu", "fu"])
+def test_dual_gradient_matches_finite_differences(form):
+    o = GMMOracle(OTHER, [1, 2])
+    mu = np.array([0.05, 0.04]) if form != "lu" else np.array([0.7, 0.3])
+    b = o.thresholds(form, {"ru": 1.3, "lu": 0.3, "fu": 1.5}[form])
+    _, grad = o.dual_function(form, mu, b)
+    h = 1e-5
+    for i in range(2):
+        e = np.zeros(2)
+        e[i] = h
+        fd = (o.dual_function(form, mu + e, b)[0] - o.dual_function(form, mu - e, b)[0]) / (2 * h)
+        assert abs(fd - grad[i]) < 1e-3 * max(1, abs(grad[i])), (form, i, fd, grad[i])
+
+
+@pytest.mark.parametrize("form,factor", [("ru", 1.3), ("lu", 0.2), ("fu", 1.5)])
+def test_optimal_multipliers_make_active_constraints_tight(form, factor):
+    """KKT: at the optimum each constraint holds, with equality where its multiplier is > 0."""
+    for g, idx in [(GMM, [2]), (OTHER, [1, 2])]:
+        o = GMMOracle(g, idx)
+        b = o.thresholds(form, factor)
+        mu = o.optimal_multipliers(form, b)
+        val = o.constraint_values(form, mu)
+        for m_i, v, b_i in zip(mu, val, b):
+            if m_i > 1e-6:
+                assert abs(v - b_i) < 1e-3 * abs(b_i), (form, mu, val, b)
+            elif form == "lu":
+                assert v <= b_i * (1 + 1e-3)
+            else:
+                assert v >= b_i * (1 - 1e-3)
+
+
+def test_lu_keeps_retained_modes_and_ru_pushes_them():
+    """Paper Figure 1: LU leaves retained modes in place, RU moves them away from q."""
+    o = GMMOracle(GMM, [2])
+    grid, lu = o.target_log_density("lu", o.optimal_multipliers("lu", o.thresholds("lu", 0.1)))
+    pts = grid.points
+    mean_lu = (torch.exp(lu)[:, None] * pts).sum(0) * grid.dv
+    grid_r, ru = o.target_log_density("ru", [0.3])
+    pr = grid_r.points
+    right = pr[:, 0] > 0.5
+    w = torch.exp(ru) * right
+    mean_right_ru = (w[:, None] * pr).sum(0) / w.sum()
+    assert float(mean_lu[1]) < 0.5  # the q mode at (0, 3) is gone: mean y drops from 1 to ~0
+    assert float(mean_right_ru[1]) < -0.3 and float(mean_right_ru[0]) > 2.3  # pushed away from (0, 3)
