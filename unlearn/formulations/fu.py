@@ -107,7 +107,7 @@ class ForwardKLUnlearning(Formulation):
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), clip)
         self.opt.step()
-        return {"loss": float(loss), "retain_loss": float(retain), "forget_term": float(forget_term)}
+        return {"loss": loss.item(), "retain_loss": retain.item(), "forget_term": forget_term.item()}
 
     def _sample_weights(self, multipliers) -> torch.Tensor:
         sizes = torch.bincount(self.index, minlength=len(self.groups)).float()

@@ -1,0 +1,39 @@
+"""Slow checks (minutes): trained GMM runs against the oracle. Run with `make test-slow`."""
+import numpy as np
+import pytest
+
+from conftest import compose_cfg
+from unlearn.train import train
+
+pytestmark = pytest.mark.slow
+
+OTHER = ["model.means=[[-2,0],[2,0],[0,3]]", "model.stds=[0.5,0.5,0.5]", "model.weights=[0.5,0.3,0.2]",
+         "model.unlearn=[1,2]"]
+
+
+def _run(overrides, tmp_path):
+    return train(compose_cfg(["logger=none", "progress=false"] + overrides, tiny=False), run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("form", ["lu", "ru", "fu"])
+def test_default_constrained_runs_satisfy_constraints(form, tmp_path):
+    s = _run([f"formulation={form}"], tmp_path)
+    for c in s["constraints"]:
+        slack = 0.1 * abs(c["threshold"])
+        ok = c["value"] >= c["threshold"] - slack if c["sense"] == ">=" else c["value"] <= c["threshold"] + slack
+        assert ok, c
+
+
+def test_ru_multipliers_match_oracle_on_other_geometry(tmp_path):
+    s = _run(["formulation=ru"] + OTHER, tmp_path)
+    mu, opt = np.array(s["multipliers"]), np.array(s["oracle"]["multipliers"])
+    assert np.all(np.abs(mu - opt) <= 0.2 * np.abs(opt) + 0.003), (mu, opt)
+    assert s["metrics"]["kl_to_target"] < 0.15
+
+
+@pytest.mark.xfail(strict=False, reason="LU primal gap: the fine-tuned sampler pays ~2x the target's KL, so dual "
+                                        "ascent settles at ~2-3x the oracle multiplier (see README, Findings)")
+def test_lu_multipliers_match_oracle_on_other_geometry(tmp_path):
+    s = _run(["formulation=lu"] + OTHER, tmp_path)
+    mu, opt = np.array(s["multipliers"]), np.array(s["oracle"]["multipliers"])
+    assert np.all(np.abs(mu - opt) <= 0.2 * np.abs(opt)), (mu, opt)
