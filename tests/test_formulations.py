@@ -76,3 +76,12 @@ def test_composed_score_is_exact_for_equal_variance_gaussians():
     for t in (0, 400, 900):
         tt = torch.full((32,), t)
         assert torch.allclose(comp.eps(x, tt), ExactGMMScore(target, SCHED).eps(x, tt), atol=1e-6)
+
+
+def test_nupi_dual_optimizer_moves_like_ascent():
+    d = DualAscent(1, 0.5, optimizer="nupi", kp=0.0)
+    d.update(torch.tensor([1.0]))
+    d.update(torch.tensor([1.0]))
+    assert d.value().item() == pytest.approx(1.0)
+    d.update(torch.tensor([-5.0]))
+    assert d.value().item() == 0.0  # projected onto mu >= 0

@@ -38,10 +38,11 @@ class DualAscent(Multipliers):
     """Projected (sub)gradient ascent on the dual, ``mu <- proj(mu + eta_d * violation)``."""
 
     learnable = True
-    OPTIMIZERS = ("sgd", "adam")
+    OPTIMIZERS = ("sgd", "adam", "nupi")
 
     def __init__(self, num: int, lr: float, init: float | list = 0.0, optimizer: str = "sgd",
-                 projection: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 projection: Callable[[torch.Tensor], torch.Tensor] | None = None, kp: float = 0.0,
+                 ema_nu: float = 0.0):
         import cooper
 
         if lr <= 0:
@@ -53,8 +54,12 @@ class DualAscent(Multipliers):
             init_t = init_t.expand(num).clone()
         self.multiplier = cooper.multipliers.DenseMultiplier(init=init_t.clone())
         self.multiplier.set_constraint_type(cooper.ConstraintType.INEQUALITY)
-        opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
-        self.optimizer = opt_cls(self.multiplier.parameters(), lr=lr, maximize=True)
+        if optimizer == "nupi":  # PI control of the multipliers: Kp damps the oscillations of plain ascent
+            self.optimizer = cooper.optim.nuPI(self.multiplier.parameters(), lr=lr, Kp=torch.tensor(float(kp)),
+                                               Ki=torch.tensor(1.0), ema_nu=float(ema_nu), maximize=True)
+        else:
+            opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+            self.optimizer = opt_cls(self.multiplier.parameters(), lr=lr, maximize=True)
         self.projection = projection
 
     def value(self) -> torch.Tensor:
@@ -110,7 +115,8 @@ def build_multipliers(method_cfg, formulation) -> Multipliers:
 
 def _dual_from_config(cls, cfg, formulation):
     return cls(formulation.num_constraints, float(cfg.dual_lr), init=float(cfg.get("init", 0.0)),
-               optimizer=str(cfg.get("dual_optimizer", "sgd")), projection=formulation.project)
+               optimizer=str(cfg.get("dual_optimizer", "sgd")), projection=formulation.project,
+               kp=float(cfg.get("dual_kp", 0.0)), ema_nu=float(cfg.get("dual_ema_nu", 0.0)))
 
 
 def _fixed_from_config(cls, cfg, formulation):

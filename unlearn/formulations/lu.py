@@ -105,7 +105,15 @@ class LikelihoodUnlearning(Formulation):
         else:
             traj = self.sampler.sample(model, n, self.gen, cond=cond, grad=True, record=True)
             penalty = (self.likelihood(traj.x0) * multipliers[None]).sum(1).mean()
-            kl = trajectory_kl(model, self.setup.pretrained, self.sampler, traj, cond=cond)
+            # pathwise KL on the reparameterised states: its gradient includes the states' dependence
+            kl = 0.0
+            for k, t in enumerate(self.sampler.timesteps):
+                w = self.sampler.kl_weight(k)
+                if w == 0.0:
+                    continue
+                x = traj.states[k]
+                tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+                kl = kl + w * ((traj.eps[k] - self.setup.pretrained.eps(x, tt, cond)) ** 2).flatten(1).sum(1)
             loss = penalty + self.kl_weight * kl.mean()
             out = {"penalty": penalty.item(), "kl": kl.mean().item()}
         self.opt.zero_grad(set_to_none=True)
