@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test test-slow train clean-cache
+.PHONY: install test test-slow train figures clean-cache
 
 install:  ## torch + torchvision first (pinned pair that imports together), then the package
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
@@ -19,3 +19,6 @@ train:  ## the default experiment: LU on the three-Gaussian mixture
 
 clean-cache:
 	rm -rf outputs/cache
+
+figures:  ## run the GMM sweeps and draw every figure the CPU can make (outputs/figures/)
+	$(PYTHON) scripts/make_figures.py

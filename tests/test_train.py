@@ -18,6 +18,10 @@ GROUP_OPTIONS = [
     ["formulation=fu", "method=baseline"],
     ["formulation=fu", "method=constrained", "formulation.multipliers=per_sample", "formulation.forget_samples=4",
      "formulation.retain=model"],
+    ["formulation=ru", "method=constrained", "formulation.kl_estimator=path", "formulation.final_samples=composed",
+     "model.sampler.kind=ddim", "model.sampler.eta=0.5", "method.dual_optimizer=nupi", "method.dual_kp=1.0"],
+    ["formulation=lu", "method=constrained", "model.sampler.kind=ddim", "model.sampler.eta=0.5",
+     "method.dual_optimizer=adam"],
 ]
 
 

@@ -24,7 +24,27 @@ def check_group_overrides(argv: list[str], config_dir: Path = CONFIG_DIR) -> str
     return None
 
 
+def write_failed_summary(run_dir, cfg, exc: BaseException):
+    """A failed sweep job leaves a summary that says so (figures mark the point as missing)."""
+    import json
+    import traceback
+
+    from omegaconf import OmegaConf
+
+    from .utils import atomic_write_text
+
+    summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+               "model": OmegaConf.select(cfg, "model.name"), "formulation": OmegaConf.select(cfg, "formulation.name"),
+               "method": OmegaConf.select(cfg, "method.name"),
+               "threshold_factor": OmegaConf.select(cfg, "formulation.threshold_factor"),
+               "traceback": traceback.format_exc()[-4000:]}
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
 def main():
+    from .config import register_resolvers
+
+    register_resolvers()
     msg = check_group_overrides(sys.argv[1:])
     if msg:
         print(msg, file=sys.stderr)
@@ -40,12 +60,21 @@ def main():
         from .train import train
 
         run_dir = HydraConfig.get().runtime.output_dir
+        multirun = HydraConfig.get().mode.name == "MULTIRUN"
         try:
             return train(cfg, run_dir=run_dir)
         except ConfigError as exc:
+            if multirun:  # one bad point must not stop the sweep: record it and go on
+                print(f"error (job {HydraConfig.get().job.num}): {exc}", file=sys.stderr)
+                write_failed_summary(run_dir, cfg, exc)
+                return None
             print(f"error: {exc}", file=sys.stderr)
-            if HydraConfig.get().mode.name == "MULTIRUN":
-                raise
             sys.exit(2)
+        except Exception as exc:
+            if not multirun:
+                raise
+            print(f"error (job {HydraConfig.get().job.num}): {type(exc).__name__}: {exc}", file=sys.stderr)
+            write_failed_summary(run_dir, cfg, exc)
+            return None
 
     _run()

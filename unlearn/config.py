@@ -4,6 +4,17 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 
+def register_resolvers() -> None:
+    """``${pick:i,[a,b,c]}``: the i-th entry of a list (lets one sweep index drive several keys)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("pick"):
+        OmegaConf.register_new_resolver("pick", lambda i, values: values[int(i)])
+
+
+register_resolvers()
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what is accepted."""
 

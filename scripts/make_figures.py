@@ -1,0 +1,76 @@
+"""Regenerate every figure the CPU can make: `python scripts/make_figures.py [--skip-runs] [--only fig4 ...]`.
+
+Runs each experiment preset's sweep (`python train.py -m experiment=NAME`), then aggregates the
+run directories into outputs/figures/NAME.{png,pdf,csv}. Figure 1 needs no training.
+"""
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+import unlearn.config  # noqa: E402,F401  (registers the ${pick:...} resolver)
+from unlearn import figures  # noqa: E402
+
+EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff")
+
+
+def preset(name):
+    cfg = OmegaConf.load(ROOT / "configs" / "experiment" / f"{name}.yaml")
+    return cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--skip-runs", action="store_true", help="only aggregate existing sweep directories")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of: fig1 " + " ".join(EXPERIMENTS))
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "figures"))
+    ap.add_argument("--wandb", action="store_true", help="log each sweep's table and tradeoff plot to W&B (offline)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides passed to every sweep")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    todo = a.only or ["fig1", *EXPERIMENTS]
+    t0 = time.time()
+    if "fig1" in todo:
+        print("[fig1] exact targets (oracle, no training)", flush=True)
+        figures.figure1(out)
+    for name in [n for n in EXPERIMENTS if n in todo]:
+        p = preset(name)
+        sweep_dir = ROOT / str(p.hydra.sweep.dir)
+        if not a.skip_runs:
+            print(f"[{name}] sweep: python train.py -m experiment={name}  ({time.time() - t0:.0f} s so far)", flush=True)
+            r = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"experiment={name}", "progress=false",
+                                *a.overrides], cwd=ROOT)
+            if r.returncode != 0:
+                print(f"[{name}] sweep exited with {r.returncode}; aggregating what exists", flush=True)
+        rows = figures.figure_tradeoff(sweep_dir, out, name, str(p.experiment.title), str(p.experiment.x),
+                                       str(p.experiment.y))
+        if name == "fig4":
+            from omegaconf import OmegaConf as OC
+
+            first = next((d for d in sweep_dir.iterdir() if (d / "config.yaml").exists()), None)
+            if first is not None:
+                mcfg = OC.to_container(OC.load(first / "config.yaml").model, resolve=True)
+                figures.density_panels(sweep_dir, rows, out / "fig4_densities", str(p.experiment.title), mcfg)
+        if a.wandb:
+            import wandb
+
+            run = wandb.init(mode="offline", project="unlearn", group=name, name=f"{name}-tradeoff",
+                             dir=str(out))
+            cols = ["run", "method", "threshold_factor", "fixed_weight", "x", "y", "status"]
+            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+            run.log({f"{name}/table": table,
+                     f"{name}/tradeoff": wandb.plot.scatter(table, "x", "y", title=str(p.experiment.title))})
+            run.finish()
+        n_ok = sum(r["status"] == "completed" for r in rows)
+        print(f"[{name}] {n_ok}/{len(rows)} points -> {out / name}.png", flush=True)
+    print(f"figures in {out} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Sweeps, failed jobs and figures from local run directories."""
+import csv
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, TINY, TINY_BY_FORMULATION
+
+
+def test_figure1_from_the_oracle(tmp_path):
+    from unlearn.figures import figure1
+
+    rows = figure1(tmp_path)
+    assert (tmp_path / "fig1.png").exists() and (tmp_path / "fig1.pdf").exists()
+    by = {r["formulation"]: r for r in rows}
+    for r in rows:
+        assert abs(r["unlearned_mass"] - 0.05) < 1e-4  # comparable strength
+    # paper Figure 1: RU pushes the retained modes away, LU leaves them in place
+    assert by["ru"]["kl_to_retained"] > by["lu"]["kl_to_retained"] + 0.05
+
+
+def test_sweep_with_a_failing_job_completes_and_figure_marks_it(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("logger")] + TINY_BY_FORMULATION["ru"]
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=ru_tradeoff", "experiment.strength=0,1",
+            "experiment.multipliers=[0.01,1.5]", "formulation.dual_steps=2", f"hydra.sweep.dir={tmp_path}/sweep",
+            *tiny]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from unlearn.figures import figure_tradeoff
+
+    rows = figure_tradeoff(tmp_path / "sweep", tmp_path / "fig", "ru", "test", "min_kl_to_concepts",
+                           "kl_to_pretrained")
+    status = {(r["method"], r["run"]): r["status"] for r in rows}
+    assert len(rows) == 4
+    assert status[("baseline", "baseline_1")] == "failed"  # sum of fixed RU weights >= 1
+    assert sum(s == "completed" for s in status.values()) == 3
+    assert (tmp_path / "fig" / "ru.png").exists() and (tmp_path / "fig" / "ru.pdf").exists()
+    with open(tmp_path / "fig" / "ru.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {t["status"] for t in table} == {"completed", "failed"}

@@ -1,0 +1,231 @@
+"""Sweep aggregation and the paper's GMM figures, from local run directories only.
+
+A sweep directory holds one sub-directory per job with ``config.yaml`` and ``summary.json``
+(``status`` "completed" or "failed"). :func:`collect` turns them into rows, :func:`write_csv`
+writes the table next to the figure, :func:`plot_tradeoff` draws constrained vs baseline.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+LABELS = {
+    "expected_likelihood": "expected unlearning likelihood E_p[q/p_pre] (dimensionless, pretrained = 1)",
+    "kl_to_retained": "KL(model || retained modes) [nats]",
+    "kl_to_pretrained": "KL(model || pretrained) [nats]",
+    "unlearned_mass": "share of samples in unlearned component(s) (fraction)",
+    "min_kl_to_concepts": "min_i KL(model || q_i) (estimated) [nats]",
+    "kl_to_target": "KL(model || exact target) [nats]",
+}
+STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (threshold factor b)"),
+         "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)")}
+
+
+def _metric(summary: dict, key: str):
+    if key == "min_kl_to_concepts":
+        vals = [c["value"] for c in summary.get("constraints", [])]
+        return min(vals) if vals else None
+    v = (summary.get("metrics") or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
+    rows = []
+    for d in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        sfile, cfile = d / "summary.json", d / "config.yaml"
+        if not sfile.exists() and not cfile.exists() and not (d / ".hydra").exists():
+            continue
+        cfg = {}
+        for c in (cfile, d / ".hydra" / "config.yaml"):
+            if c.exists():
+                cfg = yaml.safe_load(c.read_text()) or {}
+                break
+        s = json.loads(sfile.read_text()) if sfile.exists() else {"status": "failed", "error": "no summary.json"}
+        method = s.get("method") or (cfg.get("method") or {}).get("name")
+        factor = s.get("threshold_factor", (cfg.get("formulation") or {}).get("threshold_factor"))
+        weight = (cfg.get("method") or {}).get("multiplier")
+        row = {"run": d.name, "status": s.get("status", "completed"), "method": method,
+               "formulation": s.get("formulation"), "threshold_factor": factor,
+               "fixed_weight": weight if method == "baseline" else None,
+               "multipliers": json.dumps(s.get("multipliers")) if "multipliers" in s else "",
+               "x_metric": x, "y_metric": y, "x": None, "y": None, "error": s.get("error", "")}
+        if row["status"] == "completed":
+            row["x"], row["y"] = _metric(s, x), _metric(s, y)
+            for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target"):
+                row[k] = _metric(s, k)
+            row["constraints_satisfied"] = all(c.get("satisfied") for c in s.get("constraints", []))
+            row["wall_time_s"] = s.get("wall_time_s")
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path):
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    x_metric, y_metric = rows[0]["x_metric"], rows[0]["y_metric"]
+    missing = []
+    for method, st in STYLE.items():
+        pts = [r for r in rows if r["method"] == method]
+        ok = sorted([r for r in pts if r["status"] == "completed" and r["x"] is not None and r["y"] is not None],
+                    key=lambda r: r["x"])
+        missing += [r for r in pts if r not in ok]
+        if ok:
+            ax.plot([r["x"] for r in ok], [r["y"] for r in ok], linestyle="-", alpha=0.6, **st)
+            for r in ok:
+                lab = f"b={r['threshold_factor']:g}" if method == "constrained" else f"w={r['fixed_weight']:g}"
+                ax.annotate(lab, (r["x"], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=st["color"])
+    if missing:
+        ax.text(0.01, 0.01, "missing (failed): " + ", ".join(r["run"] for r in missing), transform=ax.transAxes,
+                fontsize=7, color="red", va="bottom")
+        for r in missing:  # a red x on the bottom axis for each missing point
+            ax.plot([], [], "x", color="red")
+    ax.set_xlabel(LABELS.get(x_metric, x_metric))
+    ax.set_ylabel(LABELS.get(y_metric, y_metric))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if own:
+        fig.tight_layout()
+        for ext in ("png", "pdf"):
+            fig.savefig(f"{path_stem}.{ext}", dpi=130)
+        plt.close(fig)
+
+
+def figure_tradeoff(sweep_dir: Path, out_dir: Path, name: str, title: str, x: str, y: str) -> list[dict]:
+    rows = collect(sweep_dir, x, y)
+    if not rows:
+        raise FileNotFoundError(f"no runs found in {sweep_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / f"{name}.csv")
+    plot_tradeoff(rows, title, out_dir / name)
+    return rows
+
+
+def figure1(out_dir: Path, means=((-2, 0), (2, 0), (0, 3)), stds=(0.5, 0.5, 0.5), weights=(1, 1, 1), unlearn=(2,),
+            mass: float = 0.05):
+    """Paper Figure 1: exact RU, FU and LU targets at comparable strength (the same mass left on
+    the unlearned component), from the oracle; no training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from scipy.optimize import brentq
+
+    from .models.gmm import GaussianMixture, GMMOracle
+
+    g = GaussianMixture([list(m) for m in means], list(stds), list(weights))
+    o = GMMOracle(g, list(unlearn))
+    base = o.grid(3.0)
+
+    def target_mass(form, v):
+        _, logp = o.target_log_density(form, [v], base)
+        near = g.nearest_component(base.points).numpy()
+        p = torch.exp(logp).numpy() * base.dv
+        return float(p[np.isin(near, list(unlearn))].sum())
+
+    upper = {"ru": 0.95, "lu": 50.0, "fu": float(g.weights[unlearn[0]]) * (1 - 1e-9)}
+    rows, panels = [], [("pretrained", None, base.normalize_log(g.log_prob(base.points)))]
+    retained = g.subset([k for k in range(g.num_components) if k not in unlearn])
+    lr = base.normalize_log(retained.log_prob(base.points))
+    for form in ("ru", "fu", "lu"):
+        v = brentq(lambda z: target_mass(form, z) - mass, 0.0, upper[form], xtol=1e-8)
+        _, logp = o.target_log_density(form, [v], base)
+        panels.append((form.upper(), v, logp))
+        rows.append({"formulation": form, "multiplier": v, "unlearned_mass": target_mass(form, v),
+                     "kl_to_retained": base.kl(logp, lr),
+                     "kl_to_pretrained": base.kl(logp, base.normalize_log(g.log_prob(base.points))),
+                     "expected_likelihood": float(base.expect(logp, o.likelihood(base.points))[0])})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "fig1.csv")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
+    ext = [base.axes[0][0], base.axes[0][-1], base.axes[1][0], base.axes[1][-1]]
+    for ax, (name, v, logp) in zip(axes, panels):
+        ax.imshow(torch.exp(logp).reshape(base.shape).T.numpy(), origin="lower", extent=ext, cmap="viridis")
+        for i in unlearn:
+            ax.scatter(*g.means[i].numpy(), marker="x", c="red", s=60)
+        t = name if v is None else f"{name} target (multiplier {v:.3g})"
+        if v is not None:
+            r = next(r for r in rows if r["formulation"] == name.lower())
+            t += f"\nKL to retained modes {r['kl_to_retained']:.2f} nats"
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("x_1")
+        ax.set_ylabel("x_2")
+        ax.set_xlim(-7, 7)
+        ax.set_ylim(-6, 8)
+    fig.suptitle(f"Figure 1: exact unlearning targets, {mass:.0%} of the mass left on the unlearned "
+                 f"component (red x)")
+    fig.tight_layout()
+    for e in ("png", "pdf"):
+        fig.savefig(out_dir / f"fig1.{e}", dpi=120)
+    plt.close(fig)
+    return rows
+
+
+def density_panels(sweep_dir: Path, rows: list[dict], out_stem: Path, title: str, model_cfg: dict):
+    """Figure 4's left panels: pretrained / baseline / constrained densities (KDE of samples.npy),
+    the constrained run with the median threshold and the baseline run closest to it in x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .models.gmm import GaussianMixture, GMMOracle
+    from .models.gmm_setup import GMMEvaluator
+
+    done = [r for r in rows if r["status"] == "completed" and r["x"] is not None]
+    cons = sorted([r for r in done if r["method"] == "constrained"], key=lambda r: r["x"])
+    base = [r for r in done if r["method"] == "baseline"]
+    if not cons or not base:
+        return None
+    c = cons[len(cons) // 2]
+    b = min(base, key=lambda r: abs(math.log(max(r["x"], 1e-9)) - math.log(max(c["x"], 1e-9))))
+    g = GaussianMixture(model_cfg["means"], model_cfg["stds"], model_cfg["weights"])
+    o = GMMOracle(g, model_cfg["unlearn"])
+    ev = GMMEvaluator(g, model_cfg["unlearn"], o)
+    pre = np.load(Path(sweep_dir) / c["run"] / "pretrained_samples.npy")
+    sc = np.load(Path(sweep_dir) / c["run"] / "samples.npy")
+    sb = np.load(Path(sweep_dir) / b["run"] / "samples.npy")
+    grid = ev.metric_grid(np.concatenate([pre, sc, sb]), None, None)
+    panels = [("pretrained", pre), (f"baseline w={b['fixed_weight']:g}\nE[l]={b['x']:.3f}, KL ret={b['y']:.2f}", sb),
+              (f"constrained b={c['threshold_factor']:g}\nE[l]={c['x']:.3f}, KL ret={c['y']:.2f}", sc)]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+    ext = [grid.axes[0][0], grid.axes[0][-1], grid.axes[1][0], grid.axes[1][-1]]
+    for ax, (name, s) in zip(axes, panels):
+        logp = grid.kde_log_density(s, ev.bandwidth)
+        ax.imshow(torch.exp(logp).reshape(grid.shape).T.numpy(), origin="lower", extent=ext, cmap="viridis")
+        for i in model_cfg["unlearn"]:
+            ax.scatter(*g.means[i].numpy(), marker="x", c="red", s=60)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("x_1")
+        ax.set_ylabel("x_2")
+    fig.suptitle(title)
+    fig.tight_layout()
+    for e in ("png", "pdf"):
+        fig.savefig(f"{out_stem}.{e}", dpi=120)
+    plt.close(fig)
+    return c, b
