@@ -38,7 +38,12 @@ def main(argv=None):
     t0 = time.time()
     if "fig1" in todo:
         print("[fig1] exact targets (oracle, no training)", flush=True)
-        figures.figure1(out)
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            c = compose("train", overrides=["experiment=fig1", *[o for o in a.overrides if o.startswith("model.")]])
+        m = OmegaConf.to_container(c.model, resolve=True)
+        figures.figure1(out, m["means"], m["stds"], m["weights"], m["unlearn"], float(c.experiment.unlearned_mass))
     for name in [n for n in EXPERIMENTS if n in todo]:
         p = preset(name)
         sweep_dir = ROOT / str(p.hydra.sweep.dir)

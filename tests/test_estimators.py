@@ -67,6 +67,7 @@ def test_ddpm_samples_match_mixture():
 
     m = GMMEvaluator(GMM, [2], ORACLE).evaluate(x, "lu", [0.0])
     assert m["kl_to_pretrained"] < 0.05  # grid-KDE KL of exact-score samples to the exact density
+    assert m["kl_retained_part"] < 0.05  # the retained part of the pretrained model is the retained mixture
     assert abs(m["expected_likelihood"] - 1.0) < 0.1
 
 

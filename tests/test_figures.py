@@ -39,3 +39,21 @@ def test_sweep_with_a_failing_job_completes_and_figure_marks_it(tmp_path):
     with open(tmp_path / "fig" / "ru.csv") as f:
         table = list(csv.DictReader(f))
     assert {t["status"] for t in table} == {"completed", "failed"}
+
+
+def _tiny_sweep(tmp_path, launcher_args):
+    tiny = TINY + TINY_BY_FORMULATION["ru"]
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "formulation=ru", "formulation.threshold_factor=1.1,1.3",
+            f"hydra.sweep.dir={tmp_path}/sweep", *launcher_args, *tiny]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json"))
+
+
+def test_submitit_local_launcher_runs_the_sweep(tmp_path):
+    assert _tiny_sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]) == ["0", "1"]
+
+
+def test_joblib_launcher_runs_the_sweep(tmp_path):
+    assert _tiny_sweep(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == ["0", "1"]

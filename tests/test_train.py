@@ -38,7 +38,8 @@ def test_every_combination_runs_and_writes_outputs(overrides, tmp_path):
     for c in summary["constraints"]:
         assert set(c) >= {"name", "value", "threshold", "satisfied"}
         assert np.isfinite(c["value"]) and np.isfinite(c["threshold"])
-    for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target"):
+    for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target",
+              "kl_retained_part"):
         assert k in summary["metrics"], k
     lines = (tmp_path / "metrics.jsonl").read_text().strip().splitlines()
     assert len(lines) == cfg.train.dual_steps

@@ -21,6 +21,7 @@ LABELS = {
     "unlearned_mass": "share of samples in unlearned component(s) (fraction)",
     "min_kl_to_concepts": "min_i KL(model || q_i) (estimated) [nats]",
     "kl_to_target": "KL(model || exact target) [nats]",
+    "kl_retained_part": "KL(model || retained modes), both restricted to the retained cells [nats]",
 }
 STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (threshold factor b)"),
          "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)")}
@@ -50,13 +51,14 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
         factor = s.get("threshold_factor", (cfg.get("formulation") or {}).get("threshold_factor"))
         weight = (cfg.get("method") or {}).get("multiplier")
         row = {"run": d.name, "status": s.get("status", "completed"), "method": method,
-               "formulation": s.get("formulation"), "threshold_factor": factor,
+               "formulation": s.get("formulation"), "threshold_factor": factor if method == "constrained" else None,
                "fixed_weight": weight if method == "baseline" else None,
                "multipliers": json.dumps(s.get("multipliers")) if "multipliers" in s else "",
                "x_metric": x, "y_metric": y, "x": None, "y": None, "error": s.get("error", "")}
         if row["status"] == "completed":
             row["x"], row["y"] = _metric(s, x), _metric(s, y)
-            for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target"):
+            for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target",
+                      "kl_retained_part"):
                 row[k] = _metric(s, k)
             row["constraints_satisfied"] = all(c.get("satisfied") for c in s.get("constraints", []))
             row["wall_time_s"] = s.get("wall_time_s")

@@ -200,6 +200,22 @@ class GMMEvaluator:
         out["kl_to_pretrained"] = grid.kl(logm, smoothed(self.gmm.log_prob(pts)))
         retained = self.gmm.subset([k for k in range(self.gmm.num_components) if k not in self.unlearn])
         out["kl_to_retained"] = grid.kl(logm, smoothed(retained.log_prob(pts)))
+        # quality of what is kept, whatever mass is left on the unlearned components: the model and
+        # the retained mixture, both conditioned on the retained components' Voronoi cells
+        cell = ~np.isin(self.gmm.nearest_component(pts).numpy(), self.unlearn)
+        keep = ~np.isin(near, self.unlearn) & inside
+        if keep.sum() >= 10:
+            sub = Grid(grid.axes)
+            lm = sub.kde_log_density(s[keep], self.bandwidth)
+            lr = smoothed(retained.log_prob(pts))
+            lm, lr = lm.clone(), lr.clone()
+            mask = torch.as_tensor(cell)
+            lm[~mask], lr[~mask] = -1e300, -1e300
+            lm = lm - torch.logsumexp(lm[mask], 0) - math.log(grid.dv)
+            lr = lr - torch.logsumexp(lr[mask], 0) - math.log(grid.dv)
+            out["kl_retained_part"] = float((torch.exp(lm[mask]) * grid.dv * (lm[mask] - lr[mask])).sum())
+        else:
+            out["kl_retained_part"] = None
         if formulation is not None and multipliers is not None:
             try:
                 _, logt = self.oracle.target_log_density(formulation, multipliers, grid)
