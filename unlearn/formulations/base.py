@@ -132,3 +132,12 @@ class Formulation:
 
     def primal_optimizer(self, params, lr: float, weight_decay: float = 0.0):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward, optional gradient-norm clipping (``formulation.grad_clip``), step of ``self.opt``."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = float(self.cfg.get("grad_clip", 0.0))
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.setup.model.trainable_parameters(), clip)
+        self.opt.step()

@@ -101,12 +101,7 @@ class ForwardKLUnlearning(Formulation):
         w = self._sample_weights(multipliers)[idx]
         forget_term = (w * per).sum() * (len(self.forget) / len(idx))
         loss = retain - forget_term
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = float(self.cfg.get("grad_clip", 0.0))
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), clip)
-        self.opt.step()
+        self.optimizer_step(loss)
         return {"loss": loss.item(), "retain_loss": retain.item(), "forget_term": forget_term.item()}
 
     def _sample_weights(self, multipliers) -> torch.Tensor:

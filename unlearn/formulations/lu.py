@@ -116,12 +116,7 @@ class LikelihoodUnlearning(Formulation):
                 kl = kl + w * ((traj.eps[k] - self.setup.pretrained.eps(x, tt, cond)) ** 2).flatten(1).sum(1)
             loss = penalty + self.kl_weight * kl.mean()
             out = {"penalty": penalty.item(), "kl": kl.mean().item()}
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = float(self.cfg.get("grad_clip", 0.0))
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), clip)
-        self.opt.step()
+        self.optimizer_step(loss)
         out["loss"] = loss.item()
         return out
 
