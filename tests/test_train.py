@@ -21,7 +21,7 @@ GROUP_OPTIONS = [
     ["formulation=ru", "method=constrained", "formulation.kl_estimator=path", "formulation.final_samples=composed",
      "model.sampler.kind=ddim", "model.sampler.eta=0.5", "method.dual_optimizer=nupi", "method.dual_kp=1.0"],
     ["formulation=lu", "method=constrained", "model.sampler.kind=ddim", "model.sampler.eta=0.5",
-     "method.dual_optimizer=adam"],
+     "method.dual_optimizer=adam", "formulation.full_kl_gradient=true", "formulation.likelihood=exact"],
 ]
 
 

@@ -40,6 +40,9 @@ class LikelihoodUnlearning(Formulation):
         self.kl_weight = float(self.cfg.get("kl_weight", 1.0))
         gs = self.cfg.get("grad_timesteps")
         self.grad_steps = int(gs) if gs else None  # sampler steps per primal gradient (None: all)
+        # policy gradient: also pass the path KL through the score-function term (its dependence on
+        # the visited states), not only its direct gradient as DPOK does
+        self.full_kl_gradient = bool(self.cfg.get("full_kl_gradient", False))
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
 
@@ -97,9 +100,10 @@ class LikelihoodUnlearning(Formulation):
             traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
             with torch.no_grad():
                 reward = (self.likelihood(traj.x0) * multipliers[None]).sum(1)
-            adv = reward - reward.mean()
             logp, kl = self.sampler.step_terms(model, traj, self.setup.pretrained, cond=cond, ref_cond=cond,
                                                num_steps=self.grad_steps, generator=self.gen)
+            cost = reward + (self.kl_weight * kl.detach() if self.full_kl_gradient else 0.0)
+            adv = cost - cost.mean()
             loss = (adv * logp).mean() + self.kl_weight * kl.mean()
             out = {"penalty": reward.mean().item(), "kl": kl.mean().item()}
         else:
