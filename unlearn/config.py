@@ -23,14 +23,6 @@ REQUIRED = {"model": ("name", "_target_", "sampler"), "formulation": ("name", "_
             "method": ("name", "_target_"), "train": ("dual_steps", "primal_steps_per_dual", "final_samples")}
 
 
-def _num(cfg, key, cast=float):
-    node, _, leaf = key.rpartition(".")
-    try:
-        return cast(cfg.select(key) if hasattr(cfg, "select") else None)
-    except Exception:
-        raise ConfigError(f"{key} must be a number (got {leaf!r})") from None
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Checks that do not need a model; each error names the key and what is accepted."""
     from omegaconf import OmegaConf
