@@ -21,8 +21,7 @@ EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff")
 
 
 def preset(name):
-    cfg = OmegaConf.load(ROOT / "configs" / "experiment" / f"{name}.yaml")
-    return cfg
+    return OmegaConf.load(ROOT / "configs" / "experiment" / f"{name}.yaml")
 
 
 def main(argv=None):
@@ -56,11 +55,9 @@ def main(argv=None):
         rows = figures.figure_tradeoff(sweep_dir, out, name, str(p.experiment.title), str(p.experiment.x),
                                        str(p.experiment.y))
         if name == "fig4":
-            from omegaconf import OmegaConf as OC
-
             first = next((d for d in sweep_dir.iterdir() if (d / "config.yaml").exists()), None)
             if first is not None:
-                mcfg = OC.to_container(OC.load(first / "config.yaml").model, resolve=True)
+                mcfg = OmegaConf.to_container(OmegaConf.load(first / "config.yaml").model, resolve=True)
                 figures.density_panels(sweep_dir, rows, out / "fig4_densities", str(p.experiment.title), mcfg)
         if a.wandb:
             import wandb

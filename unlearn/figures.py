@@ -102,8 +102,6 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
     if missing:
         ax.text(0.01, 0.01, "missing (failed): " + ", ".join(r["run"] for r in missing), transform=ax.transAxes,
                 fontsize=7, color="red", va="bottom")
-        for r in missing:  # a red x on the bottom axis for each missing point
-            ax.plot([], [], "x", color="red")
     ax.set_xlabel(LABELS.get(x_metric, x_metric))
     ax.set_ylabel(LABELS.get(y_metric, y_metric))
     ax.set_title(title, fontsize=10)

@@ -45,24 +45,27 @@ class Formulation:
 
     @classmethod
     def check_config(cls, cfg: DictConfig, fixed: bool) -> None:
-        """Checks that need no model, run before any pretraining (override to add more)."""
-        factor = float(cfg.formulation.threshold_factor)
-        if not factor > 0:
-            raise ConfigError(f"formulation.threshold_factor must be > 0 (got {factor})")
+        """Checks that need no model, run before any pretraining (override to add more).
+        ``threshold_factor > 0`` is checked by :func:`unlearn.config.validate_config` before this."""
         if fixed:
-            from omegaconf import OmegaConf
-
-            v = cfg.method.get("multiplier")
-            if v is None:
-                raise ConfigError("method.multiplier must be set for method=baseline (a number >= 0, or one per constraint)")
-            vals = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-            vals = vals if isinstance(vals, list) else [vals]
-            try:
-                vals = [float(x) for x in vals]
-            except (TypeError, ValueError):
-                raise ConfigError(f"method.multiplier must be a number or a list of numbers (got {v!r})") from None
+            vals = cls.fixed_multiplier_values(cfg)
             if any(x < 0 for x in vals):
                 raise ConfigError(f"method.multiplier must be >= 0 (got {vals})")
+
+    @staticmethod
+    def fixed_multiplier_values(cfg: DictConfig) -> list[float]:
+        """``method.multiplier`` as a list of floats (one number gives a one-element list)."""
+        from omegaconf import OmegaConf
+
+        v = cfg.method.get("multiplier")
+        if v is None:
+            raise ConfigError("method.multiplier must be set for method=baseline (a number >= 0, or one per constraint)")
+        vals = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+        vals = vals if isinstance(vals, list) else [vals]
+        try:
+            return [float(x) for x in vals]
+        except (TypeError, ValueError):
+            raise ConfigError(f"method.multiplier must be a number or a list of numbers (got {v!r})") from None
 
     # -- constraints -------------------------------------------------------------------------
     def constraint_names(self) -> list[str]:

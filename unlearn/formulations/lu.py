@@ -28,13 +28,9 @@ class LikelihoodUnlearning(Formulation):
         super().__init__(*args, **kw)
         if not self.setup.concepts:
             raise ConfigError("formulation=lu needs a model of each unlearning concept (model.unlearn)")
+        self._check_choices(self.cfg)
         self.gradient = str(self.cfg.gradient)
-        if self.gradient not in self.GRADIENTS:
-            raise ConfigError(f"formulation.gradient must be one of {list(self.GRADIENTS)} (got {self.gradient!r})")
         self.likelihood_mode = str(self.cfg.likelihood)
-        if self.likelihood_mode not in self.LIKELIHOODS:
-            raise ConfigError(f"formulation.likelihood must be one of {list(self.LIKELIHOODS)} "
-                              f"(got {self.likelihood_mode!r})")
         if self.likelihood_mode == "exact" and self.setup.oracle is None:
             raise ConfigError("formulation.likelihood=exact needs a model with an exact oracle (model=gmm, dim <= 2)")
         self.kl_weight = float(self.cfg.get("kl_weight", 1.0))
@@ -49,7 +45,10 @@ class LikelihoodUnlearning(Formulation):
     @classmethod
     def check_config(cls, cfg, fixed):
         super().check_config(cfg, fixed)
-        f = cfg.formulation
+        cls._check_choices(cfg.formulation)
+
+    @classmethod
+    def _check_choices(cls, f):
         if str(f.gradient) not in cls.GRADIENTS:
             raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
         if str(f.likelihood) not in cls.LIKELIHOODS:

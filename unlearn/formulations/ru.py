@@ -54,12 +54,9 @@ class ReverseKLUnlearning(Formulation):
         if fin not in cls.FINALS:
             raise ConfigError(f"formulation.final_samples must be one of {list(cls.FINALS)} (got {fin!r})")
         if fixed:
-            from omegaconf import OmegaConf
-
-            v = OmegaConf.to_container(cfg.method.multiplier) if OmegaConf.is_config(cfg.method.multiplier) \
-                else cfg.method.multiplier
+            vals = cls.fixed_multiplier_values(cfg)
             m = len(cfg.model.unlearn) if cfg.model.get("unlearn") is not None else 1
-            total = sum(float(x) for x in v) if isinstance(v, list) else float(v) * m
+            total = sum(vals) if len(vals) > 1 else vals[0] * m  # one number applies to every concept
             if total >= 1.0:
                 raise ConfigError(f"method.multiplier: fixed RU multipliers must sum to < 1 (got {total:.4g} "
                                   f"for {m} concept(s)); accepted: values in [0, 1) whose sum is < 1")

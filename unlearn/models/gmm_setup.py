@@ -199,16 +199,15 @@ class GMMEvaluator:
 
         out["kl_to_pretrained"] = grid.kl(logm, smoothed(self.gmm.log_prob(pts)))
         retained = self.gmm.subset([k for k in range(self.gmm.num_components) if k not in self.unlearn])
-        out["kl_to_retained"] = grid.kl(logm, smoothed(retained.log_prob(pts)))
+        log_ret = smoothed(retained.log_prob(pts))
+        out["kl_to_retained"] = grid.kl(logm, log_ret)
         # quality of what is kept, whatever mass is left on the unlearned components: the model and
         # the retained mixture, both conditioned on the retained components' Voronoi cells
         cell = ~np.isin(self.gmm.nearest_component(pts).numpy(), self.unlearn)
         keep = ~np.isin(near, self.unlearn) & inside
         if keep.sum() >= 10:
-            sub = Grid(grid.axes)
-            lm = sub.kde_log_density(s[keep], self.bandwidth)
-            lr = smoothed(retained.log_prob(pts))
-            lm, lr = lm.clone(), lr.clone()
+            lm = grid.kde_log_density(s[keep], self.bandwidth)
+            lr = log_ret.clone()
             mask = torch.as_tensor(cell)
             lm[~mask], lr[~mask] = -1e300, -1e300
             lm = lm - torch.logsumexp(lm[mask], 0) - math.log(grid.dv)

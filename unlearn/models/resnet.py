@@ -41,7 +41,6 @@ class ResNetDenoiser(ScoreModel):
         self.gaussian_skip = bool(gaussian_skip)
         self.register_buffer("skip_mean", torch.zeros(dim))
         self.register_buffer("skip_var", torch.ones(()))
-        self.register_buffer("abar", schedule.abar.float().clone(), persistent=False)
         self.time_embed = nn.Sequential(nn.Embedding(schedule.T, time_embed_dim),
                                         nn.Linear(time_embed_dim, time_embed_dim), nn.SiLU())
         self.inp = nn.Linear(dim, hidden)
@@ -63,6 +62,6 @@ class ResNetDenoiser(ScoreModel):
             h = blk(h, emb)
         out = self.out(h)
         if self.gaussian_skip:
-            a = self.abar.to(x.device)[t][:, None]
+            a = self.schedule.abar_at(t, x)
             out = out + (1 - a).sqrt() * (x - a.sqrt() * self.skip_mean) / (a * self.skip_var + 1 - a)
         return out
