@@ -41,6 +41,17 @@ def write_failed_summary(run_dir, cfg, exc: BaseException):
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
+EXIT_DIVERGED = 3
+
+
+def diverged_message(summary: dict, run_dir) -> str:
+    d = summary["diverged"]
+    kept = (f"last good checkpoint (dual step {summary['checkpoint_step']}) kept in {Path(run_dir) / 'checkpoint.pt'}"
+            if summary.get("checkpoint_step") is not None else "no checkpoint was written before it")
+    return (f"{run_dir}: run diverged at dual step {d['step']} ({d['quantity']} = {d['value']}); {kept}; "
+            f"lower the step sizes (formulation.primal_lr, formulation.dual_lr) and run in a new directory")
+
+
 def main():
     from .config import register_resolvers
 
@@ -57,16 +68,18 @@ def main():
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
     def _run(cfg: DictConfig):
+        from .checkpoint import RunDirError
         from .train import train
 
         run_dir = HydraConfig.get().runtime.output_dir
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
         try:
-            return train(cfg, run_dir=run_dir)
+            summary = train(cfg, run_dir=run_dir)
         except ConfigError as exc:
             if multirun:  # one bad point must not stop the sweep: record it and go on
                 print(f"error (job {HydraConfig.get().job.num}): {exc}", file=sys.stderr)
-                write_failed_summary(run_dir, cfg, exc)
+                if not isinstance(exc, RunDirError):  # a foreign run directory is left as it is
+                    write_failed_summary(run_dir, cfg, exc)
                 return None
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
@@ -76,5 +89,13 @@ def main():
             print(f"error (job {HydraConfig.get().job.num}): {type(exc).__name__}: {exc}", file=sys.stderr)
             write_failed_summary(run_dir, cfg, exc)
             return None
+        if summary.get("status") == "diverged":  # summary.json says so; the sweep goes on
+            msg = diverged_message(summary, run_dir)
+            if multirun:
+                print(f"error (job {HydraConfig.get().job.num}): {msg}", file=sys.stderr)
+                return summary
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(EXIT_DIVERGED)
+        return summary
 
     _run()

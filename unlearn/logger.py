@@ -34,10 +34,14 @@ def _jsonable(v):
 class RunLogger:
     MODES = ("offline", "online", "disabled")
 
-    def __init__(self, run_dir: Path, cfg_logger, config: dict):
+    def __init__(self, run_dir: Path, cfg_logger, config: dict, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self._f = open(self.path, "w")
+        if resume_step is not None:  # keep the lines up to the checkpoint's step, drop later or partial ones
+            self._truncate(resume_step)
+            self._f = open(self.path, "a")
+        else:
+            self._f = open(self.path, "w")
         self.wandb = None
         if cfg_logger is not None and str(cfg_logger.get("name", "none")) == "wandb":
             mode = str(cfg_logger.get("mode", "offline"))
@@ -53,6 +57,20 @@ class RunLogger:
                                         entity=cfg_logger.get("entity"), group=cfg_logger.get("group"),
                                         name=cfg_logger.get("run_name"), dir=str(self.run_dir), config=config,
                                         reinit="finish_previous")
+
+    def _truncate(self, step: int):
+        from .utils import atomic_write_text
+
+        keep = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                    keep.append(line + "\n")
+        atomic_write_text(self.path, "".join(keep))
 
     def log(self, step: int, record: dict):
         rec = {"step": step, **record}

@@ -1,24 +1,81 @@
 """The primal-dual driver shared by every formulation."""
 from __future__ import annotations
 
+import math
 import time
+from typing import Callable
 
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .dual import Multipliers
 from .formulations.base import Formulation
 from .utils import progress
 
 
+class Diverged(RuntimeError):
+    """A non-finite loss, constraint estimate or multiplier: the run stops at ``step``."""
+
+    def __init__(self, step: int, quantity: str, value: float):
+        self.step, self.quantity, self.value = int(step), str(quantity), float(value)
+        super().__init__(f"non-finite {quantity} = {value} at dual step {step}")
+
+
+def _first_nonfinite(values) -> float | None:
+    t = torch.as_tensor(values).detach()
+    if bool(torch.isfinite(t).all()):
+        return None
+    t = t.flatten().double()
+    bad = t[~torch.isfinite(t)]
+    return float(bad[0]) if len(bad) else None
+
+
 class PrimalDual:
-    """``for each dual step: K primal steps on the Lagrangian; estimate constraints; move mu``."""
+    """``for each dual step: K primal steps on the Lagrangian; estimate constraints; move mu``.
+
+    ``checkpoint(step, state)`` is called every ``checkpoint_every`` dual steps and after the
+    last one, with :meth:`state_dict`; :meth:`run` takes such a state to continue from it.
+    """
 
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
-                 logger=None, show_progress: bool = True, log_every: int = 1):
+                 logger=None, show_progress: bool = True, log_every: int = 1, checkpoint_every: int = 0,
+                 checkpoint: Callable[[int, dict], None] | None = None):
         self.f, self.mu = formulation, multipliers
         self.dual_steps, self.k = int(dual_steps), int(primal_steps_per_dual)
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
+        self.checkpoint_every, self.checkpoint = max(0, int(checkpoint_every)), checkpoint
         self.history: list[dict] = []
+        self.step = 0
+        self.elapsed = 0.0
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "history": self.history, "elapsed_s": self.elapsed,
+                "pretrained_values": self.pretrained_values.clone(), "thresholds": self.threshold_values.clone(),
+                "values": torch.as_tensor(self.values).clone(),
+                "formulation": self.f.state_dict(), "multipliers": self.mu.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.history, self.elapsed = int(state["step"]), list(state["history"]), float(state["elapsed_s"])
+        self.pretrained_values, self.threshold_values = state["pretrained_values"], state["thresholds"]
+        self.values = state["values"]
+        self.f.load_state_dict(state["formulation"])
+        self.mu.load_state_dict(state["multipliers"])
+        set_rng_state(state["rng"])
+
+    # -- divergence ------------------------------------------------------------------------------
+    def _check(self, step: int, kind: str, names, values) -> None:
+        if _first_nonfinite(values) is None:
+            return
+        vals = torch.as_tensor(values, dtype=torch.float64).detach().flatten()
+        for n, v in zip(names, vals.tolist()):
+            if not math.isfinite(v):
+                raise Diverged(step, f"{kind} {n}", v)
+
+    def _check_losses(self, step: int, losses: dict) -> None:
+        for k, v in losses.items():
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise Diverged(step, f"loss {k}", v)
 
     def _record(self, step, losses, values, thresholds, mu, elapsed):
         names = self.f.constraint_names()
@@ -32,24 +89,51 @@ class PrimalDual:
         if self.logger is not None and (step % self.log_every == 0 or step == self.dual_steps):
             self.logger.log(step, rec)
 
-    def run(self):
-        t0 = time.time()
+    def _save(self):
+        if self.checkpoint is not None:
+            for n, p in self.f._trainable_named().items():  # never checkpoint a broken state
+                bad = _first_nonfinite(p)
+                if bad is not None:
+                    raise Diverged(self.step, f"trainable weight {n}", bad)
+            self.checkpoint(self.step, self.state_dict())
+
+    def run(self, resume: dict | None = None):
+        """Run (or, given a checkpoint's state, continue) the dual steps; returns
+        ``(final multipliers, final constraint values, thresholds, extra)``. Raises
+        :class:`Diverged` on the first non-finite quantity, before any checkpoint of it."""
+        # computed on a resume too: it draws from the formulation's generator exactly as the
+        # original run did (e.g. RU's importance pool), before the saved states replace it
         pre = self.f.pretrained_values()
+        names = self.f.constraint_names()
+        self._check(0, "pretrained constraint", names, pre)
         thr = self.f.thresholds(pre)
-        self.pretrained_values, self.threshold_values = pre, thr
-        bar = progress(range(1, self.dual_steps + 1), desc=f"{self.f.name.upper()} primal-dual", enabled=self.show)
-        values = pre
+        self.pretrained_values, self.threshold_values, self.values = pre, thr, pre
+        if resume is not None:
+            self.load_state_dict(resume)
+            pre, thr = self.pretrained_values, self.threshold_values
+        t0 = time.time() - self.elapsed
+        bar = progress(range(self.step + 1, self.dual_steps + 1), desc=f"{self.f.name.upper()} primal-dual",
+                       enabled=self.show)
         for step in bar:
             mu = self.mu.value()
             losses: dict = {}
             if self.f.has_primal:
                 for _ in range(self.k):
                     losses = self.f.primal_step(mu)
+                    self._check_losses(step, losses)
             values = self.f.estimate(mu)
+            self._check(step, "constraint", names, values)
             self.mu.update(self.f.violation(values, thr))
-            self._record(step, losses, values, thr, mu, time.time() - t0)
+            self._check(step, "multiplier", names, self.mu.value())
+            self.step, self.values, self.elapsed = step, values, time.time() - t0
+            self._record(step, losses, values, thr, mu, self.elapsed)
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),
                             mu=", ".join(f"{float(m):.3g}" for m in self.mu.value()), refresh=False)
+            if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.dual_steps:
+                self._save()
+        if resume is None or int(resume["step"]) < self.dual_steps:
+            self._save()  # the end of the dual steps (before finalize, so a run can be extended)
+        values = self.values
         final_mu = self.mu.value()
         extra = self.f.finalize(final_mu)
         if extra:

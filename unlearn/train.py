@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -12,10 +12,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint import (CHECKPOINT, FORMAT, FORMAT_VERSION, RUN_INFO, RunDirError, inspect_run_dir, read_run_info,
+                         result_hash, resume_hash, save_checkpoint)
 from .config import ConfigError, validate_config
 from .dual import build_multipliers
 from .logger import RunLogger
-from .primal_dual import PrimalDual
+from .primal_dual import Diverged, PrimalDual
+from .provenance import device_info, git_state, package_versions, session, split_volatile
 from .samplers import build_sampler
 from .utils import atomic_torch_save, atomic_write_text, generator
 
@@ -46,34 +49,135 @@ def build(cfg: DictConfig, show_progress: bool = True):
     return setup, sampler, formulation, multipliers, gen
 
 
+RESUME_MODES = ("auto", "never")
+
+
+def _train_options(cfg: DictConfig) -> tuple[str, int]:
+    resume = str(cfg.train.get("resume", "auto"))
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"train.resume must be one of {list(RESUME_MODES)} (got {resume!r})")
+    every = cfg.train.get("checkpoint_every", 10)
+    try:
+        every = int(every)
+    except (TypeError, ValueError):
+        every = -1
+    if every < 0:
+        raise ConfigError(f"train.checkpoint_every must be an integer >= 0 (got {cfg.train.get('checkpoint_every')!r})")
+    return resume, every
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_fits(ckpt: dict, formulation, multipliers, path: Path) -> None:
+    """A checkpoint of the same config must fit the model built now (else the code changed)."""
+    state = ckpt["state"]
+    try:
+        saved = state["formulation"]["trainable"]
+        params = formulation._trainable_named()
+        bad = sorted(set(saved) ^ set(params)) or [n for n in params if tuple(saved[n].shape) != tuple(params[n].shape)]
+        mu = state["multipliers"]["value"]
+        if not bad and tuple(mu.shape) != tuple(multipliers.value().shape):
+            bad = ["multipliers"]
+    except (KeyError, TypeError, AttributeError) as exc:
+        bad = [f"missing {exc}"]
+    if bad:
+        raise RunDirError(f"{path}: checkpoint does not fit the model this code builds (differs in {bad[0]}); "
+                          f"resume with the version of unlearn that wrote it or run in a new directory "
+                          f"(hydra.run.dir=...)")
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run one unlearning experiment and write its outputs to ``run_dir``; returns the summary."""
+    """Run one unlearning experiment and write its outputs to ``run_dir``; returns the summary.
+
+    A directory that already holds a checkpoint of the same run is resumed from it
+    (``train.resume=auto``). A run that meets a non-finite quantity stops and returns a summary
+    with ``"status": "diverged"``.
+    """
     t_start = time.time()
     show = bool(cfg.get("progress", True))
     validate_config(cfg)
+    resume_mode, checkpoint_every = _train_options(cfg)
     run_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    dual_steps = int(cfg.train.dual_steps)
+    seed = int(cfg.seed)
+    # nothing is written before this check: a foreign or corrupt run directory stays as it is
+    plan = inspect_run_dir(run_dir, resolved, resume_mode, dual_steps)
+    if plan is not None and plan["completed"]:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if show:
+            print(f"{run_dir}: this run is already complete (checkpoint at dual step {dual_steps}); "
+                  f"outputs left as they are", file=sys.stderr)
+        return summary
+    ckpt = plan["checkpoint"] if plan is not None else None
+    old_info = read_run_info(run_dir) if plan is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads", 2)))
-    torch.manual_seed(int(cfg.seed))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    _seed_everything(seed)
 
     setup, sampler, formulation, multipliers, gen = build(cfg, show_progress=show)
-    logger = RunLogger(run_dir, cfg.get("logger"), resolved)
-    t_train = time.time()
-    driver = PrimalDual(formulation, multipliers, cfg.train.dual_steps, cfg.train.primal_steps_per_dual,
-                        logger=logger, show_progress=show, log_every=int(cfg.train.get("log_every", 1)))
-    mu, values, thr, extra = driver.run()
-    train_time = time.time() - t_train
+    # pretraining draws from the global RNGs when the cache misses, not when it hits: reseed
+    _seed_everything(seed)
+    if ckpt is not None:
+        _check_fits(ckpt, formulation, multipliers, run_dir / CHECKPOINT)
+        if show:
+            print(f"resuming {run_dir} from its checkpoint at dual step {ckpt['step']} of {dual_steps}",
+                  file=sys.stderr)
+    stable_info, volatile_info = split_volatile(setup.info)
+    r_hash = resume_hash(resolved)
+    run_info = {"format": FORMAT, "format_version": FORMAT_VERSION, "resume_hash": r_hash,
+                "result_hash": result_hash(resolved), "seed": seed, "status": "running",
+                "versions": package_versions(), "git": git_state(), **device_info(setup.model),
+                "sessions": list((old_info or {}).get("sessions", [])) if ckpt is not None else []}
+    run_info["sessions"].append({**session(int(ckpt["step"]) if ckpt is not None else None), "setup": volatile_info})
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
+
+    logger = RunLogger(run_dir, cfg.get("logger"), resolved, resume_step=int(ckpt["step"]) if ckpt else None)
+    saved = {"step": int(ckpt["step"]) if ckpt is not None else None}
+
+    def checkpoint(step: int, state: dict):
+        save_checkpoint(run_dir / CHECKPOINT, state, step, r_hash)
+        saved["step"] = step
+
+    t_train, timing = time.time(), {}
+    driver = PrimalDual(formulation, multipliers, dual_steps, cfg.train.primal_steps_per_dual,
+                        logger=logger, show_progress=show, log_every=int(cfg.train.get("log_every", 1)),
+                        checkpoint_every=checkpoint_every, checkpoint=checkpoint)
+
+    def finish(summary: dict, status: str) -> dict:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+        run_info["status"] = status
+        run_info["sessions"][-1].update(wall_time_s=round(time.time() - t_start, 2),
+                                        train_time_s=round(timing.get("train", time.time() - t_train), 2))
+        atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
+        logger.finish(summary)
+        return summary
+
+    head = {"model": str(cfg.model.name), "formulation": formulation.name, "method": str(cfg.method.name)}
+    try:
+        mu, values, thr, extra = driver.run(resume=ckpt["state"] if ckpt is not None else None)
+    except Diverged as d:
+        last = driver.history[-1] if driver.history else None
+        summary = {**head, "status": "diverged",
+                   "diverged": {"step": d.step, "quantity": d.quantity, "value": str(d.value)},
+                   "checkpoint_step": saved["step"], "last_good": last,
+                   "threshold_factor": formulation.factor, "seed": seed}
+        return finish(summary, "diverged")
+    timing["train"] = time.time() - t_train
 
     # final samples of the unlearned model and of the pretrained model, same seed
     n = int(cfg.train.final_samples)
     final = formulation.final_model(mu)
-    eval_gen = generator(int(cfg.seed) + 999)
+    eval_gen = generator(seed + 999)
     samples = formulation.final_samples(mu, n, eval_gen)
     if samples is None:
         samples = sampler.sample(final, n, eval_gen, cond=setup.cond).x0.detach()
-    pre_samples = sampler.sample(setup.pretrained, n, generator(int(cfg.seed) + 999), cond=setup.cond).x0.detach()
+    pre_samples = sampler.sample(setup.pretrained, n, generator(seed + 999), cond=setup.cond).x0.detach()
     target = formulation.oracle_target(mu)
     metrics, pre_metrics = {}, {}
     if setup.evaluate is not None:
@@ -94,9 +198,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     sat = formulation.satisfied(values, thr, tol)
     names = formulation.constraint_names()
     summary = {
-        "model": str(cfg.model.name),
-        "formulation": formulation.name,
-        "method": str(cfg.method.name),
+        **head,
         "status": "completed",
         "constraints": [{"name": nm, "value": float(v), "threshold": float(b), "pretrained": float(p),
                          "satisfied": s, "sense": ">=" if formulation.sense == "ge" else "<="}
@@ -107,11 +209,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "metrics": metrics,
         "pretrained_metrics": pre_metrics,
         "extra": {**extra, **formulation.diagnostics(mu)},
-        "setup": setup.info,
-        "wall_time_s": round(time.time() - t_start, 2),
-        "train_time_s": round(train_time, 2),
-        "seed": int(cfg.seed),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "setup": stable_info,
+        "seed": seed,
     }
     if setup.oracle is not None and bool(cfg.train.get("oracle_multipliers", True)) and formulation.oracle_comparable:
         try:
@@ -120,16 +219,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                  "multipliers": setup.oracle.optimal_multipliers(formulation.name, exact_b).tolist()}
         except ValueError as exc:
             summary["oracle"] = {"error": str(exc)}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
-    logger.finish(summary)
+    finish(summary, "completed")
     if show:
-        print_summary(summary, run_dir)
+        print_summary(summary, run_dir, wall_time_s=time.time() - t_start)
     return summary
 
 
-def print_summary(summary: dict, run_dir: Path, file=sys.stdout):
-    lines = [f"\n== {summary['model']} / {summary['formulation'].upper()} / {summary['method']} "
-             f"({summary['wall_time_s']:.1f} s) ==",
+def print_summary(summary: dict, run_dir: Path, file=sys.stdout, wall_time_s: float | None = None):
+    took = f" ({wall_time_s:.1f} s)" if wall_time_s is not None else ""
+    lines = [f"\n== {summary['model']} / {summary['formulation'].upper()} / {summary['method']}{took} ==",
              f"{'constraint':<28}{'value':>11}{'':>3}{'threshold':>11}{'pretrained':>12}  ok   multiplier"]
     for c, m in zip(summary["constraints"], summary["multipliers"]):
         lines.append(f"{c['name'][:27]:<28}{c['value']:>11.4g} {c['sense']:>2}{c['threshold']:>11.4g}"

@@ -130,6 +130,36 @@ class Formulation:
     def oracle_target(self, multipliers: torch.Tensor) -> OracleTarget | None:
         return OracleTarget(self.name, [float(v) for v in multipliers])
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _trainable_named(self) -> dict:
+        return {n: p for n, p in self.setup.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue: the trainable parameters only (never the frozen
+        base), the primal optimiser's state (``self.opt`` where there is one) and the generator.
+        Subclasses with more state extend this and :meth:`load_state_dict`."""
+        state = {"trainable": {n: p.detach().cpu().clone() for n, p in self._trainable_named().items()},
+                 "generator": self.gen.get_state()}
+        if getattr(self, "opt", None) is not None:
+            state["optimizer"] = self.opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        params = self._trainable_named()
+        saved = state["trainable"]
+        if set(saved) != set(params):
+            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+            raise ValueError(f"trainable parameters differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                if saved[n].shape != p.shape:
+                    raise ValueError(f"trainable parameter {n} has shape {tuple(saved[n].shape)}, "
+                                     f"expected {tuple(p.shape)}")
+                p.copy_(saved[n])
+        if "optimizer" in state and getattr(self, "opt", None) is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+
     def trainable_state(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
 
