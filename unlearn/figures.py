@@ -1,8 +1,9 @@
 """Sweep aggregation and the paper's GMM figures, from local run directories only.
 
 A sweep directory holds one sub-directory per job with ``config.yaml`` and ``summary.json``
-(``status`` "completed" or "failed"). :func:`collect` turns them into rows, :func:`write_csv`
-writes the table next to the figure, :func:`plot_tradeoff` draws constrained vs baseline.
+(``status`` "completed", "diverged" or "failed"). :func:`collect` turns them into rows,
+:func:`write_csv` writes the table next to the figure, :func:`plot_tradeoff` draws constrained
+vs baseline and marks the points that have no result (diverged: purple, failed: red).
 """
 from __future__ import annotations
 
@@ -55,15 +56,37 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
                "fixed_weight": weight if method == "baseline" else None,
                "multipliers": json.dumps(s.get("multipliers")) if "multipliers" in s else "",
                "x_metric": x, "y_metric": y, "x": None, "y": None, "error": s.get("error", "")}
+        if row["status"] == "diverged":
+            d = s.get("diverged") or {}
+            row["error"] = f"diverged at dual step {d.get('step')}: {d.get('quantity')} = {d.get('value')}"
+            row.update(diverged_step=d.get("step"), diverged_quantity=d.get("quantity"),
+                       checkpoint_step=s.get("checkpoint_step"))
         if row["status"] == "completed":
             row["x"], row["y"] = _metric(s, x), _metric(s, y)
             for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target",
                       "kl_retained_part"):
                 row[k] = _metric(s, k)
             row["constraints_satisfied"] = all(c.get("satisfied") for c in s.get("constraints", []))
-            row["wall_time_s"] = s.get("wall_time_s")
+            row["wall_time_s"] = _wall_time(d)
         rows.append(row)
     return rows
+
+
+def _wall_time(run_dir: Path):
+    """Wall-clock seconds over every session of the run (``run_info.json``), if recorded."""
+    try:
+        info = json.loads((run_dir / "run_info.json").read_text())
+        return round(sum(float(x.get("wall_time_s") or 0.0) for x in info.get("sessions", [])), 2)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _point_label(r: dict) -> str:
+    if r["method"] == "constrained" and r.get("threshold_factor") is not None:
+        return f"b={r['threshold_factor']:g}"
+    if r["method"] == "baseline" and r.get("fixed_weight") is not None:
+        return f"w={r['fixed_weight']:g}"
+    return str(r["run"])
 
 
 def write_csv(rows: list[dict], path: Path):
@@ -99,9 +122,19 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
                 lab = f"b={r['threshold_factor']:g}" if method == "constrained" else f"w={r['fixed_weight']:g}"
                 ax.annotate(lab, (r["x"], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=st["color"])
-    if missing:
-        ax.text(0.01, 0.01, "missing (failed): " + ", ".join(r["run"] for r in missing), transform=ax.transAxes,
-                fontsize=7, color="red", va="bottom")
+    # points without a result are marked, not dropped: diverged runs in purple, failed ones in red
+    diverged = [r for r in missing if r["status"] == "diverged"]
+    failed = [r for r in missing if r["status"] != "diverged"]
+    lines = []
+    if diverged:
+        lines.append(("diverged (no result): " + ", ".join(
+            f"{r['method']} {_point_label(r)} at step {r.get('diverged_step')}" for r in diverged), "tab:purple"))
+        ax.plot([], [], linestyle="none", marker="X", color="tab:purple", label=f"diverged ({len(diverged)})")
+    if failed:
+        lines.append(("missing (failed): " + ", ".join(r["run"] for r in failed), "red"))
+        ax.plot([], [], linestyle="none", marker="x", color="red", label=f"failed ({len(failed)})")
+    for i, (text, color) in enumerate(lines):
+        ax.text(0.01, 0.01 + 0.05 * i, text, transform=ax.transAxes, fontsize=7, color=color, va="bottom")
     ax.set_xlabel(LABELS.get(x_metric, x_metric))
     ax.set_ylabel(LABELS.get(y_metric, y_metric))
     ax.set_title(title, fontsize=10)

@@ -75,7 +75,7 @@ class PrimalDual:
     def _check_losses(self, step: int, losses: dict) -> None:
         for k, v in losses.items():
             if isinstance(v, (int, float)) and not math.isfinite(v):
-                raise Diverged(step, f"loss {k}", v)
+                raise Diverged(step, "loss" if k == "loss" else f"loss ({k})", v)
 
     def _record(self, step, losses, values, thresholds, mu, elapsed):
         names = self.f.constraint_names()

@@ -116,6 +116,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     ckpt = plan["checkpoint"] if plan is not None else None
     old_info = read_run_info(run_dir) if plan is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in run_dir.glob(f"{CHECKPOINT}*.tmp"):  # left by a run killed while it wrote a checkpoint
+        tmp.unlink(missing_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads", 2)))
     _seed_everything(seed)
 
