@@ -128,7 +128,7 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
     lines = []
     if diverged:
         lines.append(("diverged (no result): " + ", ".join(
-            f"{r['method']} {_point_label(r)} at step {r.get('diverged_step')}" for r in diverged), "tab:purple"))
+            f"{r['method']} {_point_label(r)} (run {r['run']}) at step {r.get('diverged_step')}" for r in diverged), "tab:purple"))
         ax.plot([], [], linestyle="none", marker="X", color="tab:purple", label=f"diverged ({len(diverged)})")
     if failed:
         lines.append(("missing (failed): " + ", ".join(r["run"] for r in failed), "red"))
