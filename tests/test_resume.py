@@ -105,7 +105,8 @@ def interrupt_after(monkeypatch, step):
 
 @pytest.mark.parametrize("overrides", [
     # importance pool drawn lazily before step 1; nuPI dual optimiser state; distillation after the last step
-    ["formulation=ru", "formulation.distill_steps=2", "method.dual_optimizer=nupi", "method.dual_kp=1.0"],
+    ["formulation=ru", "formulation.distill_steps=2", "formulation.primal_batch_size=32", "method.dual_optimizer=nupi",
+     "method.dual_kp=1.0"],
     ["formulation=fu", "formulation.retain=model", "method.dual_optimizer=adam"],  # retain pool drawn in __init__
     ["formulation=lu", "method=baseline"],  # fixed multipliers, ESD-style primal steps
 ], ids=["ru-nupi-distill", "fu-model-adam", "lu-baseline"])
