@@ -86,9 +86,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         title = f"{cfg.model.name} / {formulation.name.upper()} / {cfg.method.name}"
         setup.plot(run_dir / "samples.png", pre_samples, samples, target.formulation if target else formulation.name,
                    target.multipliers if target else [float(v) for v in mu], title=title)
-    atomic_torch_save({"state_dict": formulation.trainable_state(), "multipliers": mu,
-                       "composed": not formulation.has_primal and not extra},
+    composed = not formulation.has_primal and not extra  # RU dual-only: the result is the composed score
+    atomic_torch_save({"state_dict": formulation.trainable_state(), "multipliers": mu, "composed": composed},
                       run_dir / "model.pt")
+    if setup.save_model is not None and not composed:  # e.g. LoRA in diffusers format
+        setup.save_model(run_dir)
 
     tol = float(cfg.train.satisfied_tol)
     sat = formulation.satisfied(values, thr, tol)

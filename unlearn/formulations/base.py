@@ -131,6 +131,9 @@ class Formulation:
         return OracleTarget(self.name, [float(v) for v in multipliers])
 
     def trainable_state(self) -> dict:
+        own = getattr(self.setup.model, "trainable_state", None)  # e.g. LoRA views: adapters only
+        if callable(own):
+            return own()
         return {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
 
     def primal_optimizer(self, params, lr: float, weight_decay: float = 0.0):
