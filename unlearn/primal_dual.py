@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from .distributed import get_dist
 from .dual import Multipliers
 from .formulations.base import Formulation
 from .utils import progress
@@ -34,7 +35,8 @@ class PrimalDual:
 
     def run(self):
         t0 = time.time()
-        pre = self.f.pretrained_values()
+        dist = get_dist()  # constraint estimates are averaged over data-parallel ranks
+        pre = dist.mean(self.f.pretrained_values())
         thr = self.f.thresholds(pre)
         self.pretrained_values, self.threshold_values = pre, thr
         bar = progress(range(1, self.dual_steps + 1), desc=f"{self.f.name.upper()} primal-dual", enabled=self.show)
@@ -45,7 +47,7 @@ class PrimalDual:
             if self.f.has_primal:
                 for _ in range(self.k):
                     losses = self.f.primal_step(mu)
-            values = self.f.estimate(mu)
+            values = dist.mean(self.f.estimate(mu))
             self.mu.update(self.f.violation(values, thr))
             self._record(step, losses, values, thr, mu, time.time() - t0)
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),
@@ -53,6 +55,6 @@ class PrimalDual:
         final_mu = self.mu.value()
         extra = self.f.finalize(final_mu)
         if extra:
-            values = self.f.estimate(final_mu)
+            values = dist.mean(self.f.estimate(final_mu))
         self.final_values = values
         return final_mu, values, thr, extra

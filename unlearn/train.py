@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, validate_config
+from .distributed import get_dist
 from .dual import build_multipliers
 from .logger import RunLogger
 from .primal_dual import PrimalDual
@@ -39,7 +40,7 @@ def build(cfg: DictConfig, show_progress: bool = True):
     formulation_cls.check_config(cfg, fixed)  # fail before any pretraining
     setup = _resolve(str(cfg.model._target_), "model._target_")(cfg, show_progress=show_progress)
     sampler = build_sampler(setup.schedule, cfg.model.sampler)
-    gen = generator(int(cfg.seed))
+    gen = generator(int(cfg.seed) + 1_000_003 * get_dist().rank)  # data-parallel ranks draw different batches
     formulation = formulation_cls(cfg.formulation, setup, sampler, gen, fixed_multipliers=fixed,
                                   show_progress=show_progress)
     multipliers = build_multipliers(cfg.method, formulation)
@@ -51,20 +52,32 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     t_start = time.time()
     show = bool(cfg.get("progress", True))
     validate_config(cfg)
-    run_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir)
+    dist = get_dist()
+    run_dir = Path(dist.broadcast_object(str(run_dir if run_dir is not None else cfg.paths.run_dir)))
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads", 2)))
     torch.manual_seed(int(cfg.seed))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    if dist.is_main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
     setup, sampler, formulation, multipliers, gen = build(cfg, show_progress=show)
-    logger = RunLogger(run_dir, cfg.get("logger"), resolved)
+    logger = RunLogger(run_dir, cfg.get("logger"), resolved) if dist.is_main else None
     t_train = time.time()
     driver = PrimalDual(formulation, multipliers, cfg.train.dual_steps, cfg.train.primal_steps_per_dual,
-                        logger=logger, show_progress=show, log_every=int(cfg.train.get("log_every", 1)))
+                        logger=logger, show_progress=show and dist.is_main, log_every=int(cfg.train.get("log_every", 1)))
     mu, values, thr, extra = driver.run()
     train_time = time.time() - t_train
+    if dist.world_size > 1:  # every rank's multipliers after each dual step, to check they agree
+        import hashlib
+
+        w = formulation.trainable_state()
+        sha = hashlib.sha256(b"".join(w[k].float().numpy().tobytes() for k in sorted(w))).hexdigest()
+        atomic_write_text(run_dir / f"rank{dist.rank}_multipliers.json",
+                          json.dumps({"multipliers": [h["multipliers"] for h in driver.history],
+                                      "final": [float(v) for v in mu], "trainable_sha256": sha}))
+        if not dist.is_main:
+            return {"status": "completed", "rank": dist.rank, "multipliers": [float(v) for v in mu]}
 
     # final samples of the unlearned model and of the pretrained model, same seed
     n = int(cfg.train.final_samples)

@@ -141,8 +141,11 @@ class Formulation:
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, optional gradient-norm clipping (``formulation.grad_clip``), step of ``self.opt``."""
+        from ..distributed import get_dist
+
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        get_dist().average_gradients(self.setup.model.trainable_parameters())  # data-parallel ranks
         clip = float(self.cfg.get("grad_clip", 0.0))
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.setup.model.trainable_parameters(), clip)
