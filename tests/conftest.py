@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 # tiny but real: every code path, seconds per run
-TINY = ["logger=none", "progress=false", "formulation.dual_steps=2"]
+TINY_COMMON = ["logger=none", "progress=false", "formulation.dual_steps=2"]
 TINY_BY_MODEL = {
     "gmm": ["model.pretrain.steps=150", "model.pretrain.batch_size=256", "model.sampler.num_steps=20",
             "train.final_samples=512"],
 }
+TINY = TINY_COMMON + TINY_BY_MODEL["gmm"]  # the default model's tiny overrides (subprocess tests use these)
 IMAGE_MODELS = ("tiny_sd", "tiny_ddpm")
 TINY_BY_FORMULATION = {
     "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=16", "formulation.batch_size=32",
@@ -53,7 +54,7 @@ def compose_cfg(overrides=(), tiny=True):
     form = next((o.split("=", 1)[1] for o in overrides if o.startswith("formulation=")), "lu")
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "gmm")
     by_form = TINY_BY_FORMULATION.get(form, []) if model == "gmm" else TINY_BY_FORMULATION_IMAGE.get(form, [])
-    base = (TINY + TINY_BY_MODEL.get(model, []) + by_form) if tiny else []
+    base = (TINY_COMMON + TINY_BY_MODEL.get(model, []) + by_form) if tiny else []
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=base + overrides)
 

@@ -174,3 +174,26 @@ def test_two_process_accelerate_keeps_multipliers_identical(tmp_path):
     assert any(v > 0 for v in ranks[0]["multipliers"][-1].values())  # the multipliers did move
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert ranks[0]["final"] == ranks[1]["final"] == summary["multipliers"]
+
+
+@pytest.mark.parametrize("model", ["sd14", "bk_sdm_tiny", "ddpm_celebahq"])
+@pytest.mark.parametrize("formulation", ["lu", "ru", "fu"])
+def test_real_model_configs_compose_and_stop_without_weights(model, formulation, monkeypatch):
+    from unlearn.models.weights import MissingWeightsError
+    from unlearn.train import build
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_cfg([f"model={model}", f"formulation={formulation}"], tiny=False)
+    assert cfg.model.hub_id and cfg.model.get("tiny") is None
+    with pytest.raises(MissingWeightsError, match=cfg.model.hub_id):
+        build(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("experiment,model,formulation", [("fig5", "bk_sdm_tiny", "lu"), ("fig3", "ddpm_celebahq", "fu"),
+                                                          ("fig6", "sd14", "ru")])
+def test_paper_image_presets_compose_with_their_tuning(experiment, model, formulation):
+    cfg = compose_cfg([f"experiment={experiment}", "experiment.strength=2"], tiny=False)
+    assert (cfg.model.name, cfg.formulation.name) == (model, formulation)
+    assert cfg.formulation.threshold_factor == cfg.experiment.threshold_factors[2]
+    tuning = {"lu": ("primal_lr", 1e-4), "fu": ("primal_lr", 5e-6), "ru": ("kl_estimator", "path")}[formulation]
+    assert cfg.formulation[tuning[0]] == tuning[1]
