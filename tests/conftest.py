@@ -11,19 +11,28 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 # tiny but real: every code path, seconds per run
-TINY = [
-    "logger=none", "progress=false",
-    "model.pretrain.steps=150", "model.pretrain.batch_size=256",
-    "model.sampler.num_steps=20",
-    "train.final_samples=512",
-    "formulation.dual_steps=2",
-]
+TINY_COMMON = ["logger=none", "progress=false", "formulation.dual_steps=2"]
+TINY_BY_MODEL = {
+    "gmm": ["model.pretrain.steps=150", "model.pretrain.batch_size=256", "model.sampler.num_steps=20",
+            "train.final_samples=512"],
+}
+TINY = TINY_COMMON + TINY_BY_MODEL["gmm"]  # the default model's tiny overrides (subprocess tests use these)
+IMAGE_MODELS = ("tiny_sd", "tiny_ddpm")
 TINY_BY_FORMULATION = {
     "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=16", "formulation.batch_size=32",
            "formulation.likelihood_timesteps=4", "formulation.grad_timesteps=5"],
     "ru": ["formulation.batch_size=64", "formulation.pool_size=256", "formulation.likelihood_timesteps=8"],
     "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=64", "formulation.forget_samples=32",
            "formulation.forget_batch_size=16", "formulation.eval_draws=2", "formulation.retain_pool=64"],
+}
+
+# image doubles: a handful of samples per estimate (the tiny UNets run in milliseconds per batch)
+TINY_BY_FORMULATION_IMAGE = {
+    "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.batch_size=4",
+           "formulation.likelihood_timesteps=2", "formulation.grad_timesteps=2"],
+    "ru": ["formulation.batch_size=4", "formulation.pool_size=8", "formulation.likelihood_timesteps=2"],
+    "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.forget_batch_size=2",
+           "formulation.eval_draws=2", "formulation.retain_pool=4"],
 }
 
 
@@ -43,7 +52,9 @@ def compose_cfg(overrides=(), tiny=True):
 
     overrides = list(overrides)
     form = next((o.split("=", 1)[1] for o in overrides if o.startswith("formulation=")), "lu")
-    base = (TINY + TINY_BY_FORMULATION.get(form, [])) if tiny else []
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "gmm")
+    by_form = TINY_BY_FORMULATION.get(form, []) if model == "gmm" else TINY_BY_FORMULATION_IMAGE.get(form, [])
+    base = (TINY_COMMON + TINY_BY_MODEL.get(model, []) + by_form) if tiny else []
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=base + overrides)
 

@@ -102,6 +102,9 @@ def log_likelihood_ratio(x: torch.Tensor, model_q: ScoreModel | Sequence[ScoreMo
     if antithetic:
         ts, ws, e = torch.cat([ts, ts]), torch.cat([ws, ws]) / 2, torch.cat([e, -e])
     out = torch.zeros(n, len(qs), device=x.device, dtype=x.dtype)
+    mb = getattr(model_p, "max_batch", None)  # image models: a few batches of the UNet per chunk
+    if mb:
+        chunk_rows = min(chunk_rows, 4 * int(mb))
     per_chunk = max(1, chunk_rows // max(n, 1))
     for s in range(0, len(ts), per_chunk):
         tt = ts[s:s + per_chunk].to(x.device)

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import rng_state, set_rng_state
+from .distributed import get_dist
 from .dual import Multipliers
 from .formulations.base import Formulation
 from .utils import progress
@@ -35,6 +36,9 @@ class PrimalDual:
 
     ``checkpoint(step, state)`` is called every ``checkpoint_every`` dual steps and after the
     last one, with :meth:`state_dict`; :meth:`run` takes such a state to continue from it.
+    Under data parallelism (``unlearn.distributed``) constraint estimates are averaged over
+    ranks, a non-finite loss on any rank stops every rank, and a checkpoint holds every rank's
+    generator and RNG states (the rest is identical across ranks).
     """
 
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
@@ -50,10 +54,16 @@ class PrimalDual:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "history": self.history, "elapsed_s": self.elapsed,
-                "pretrained_values": self.pretrained_values.clone(), "thresholds": self.threshold_values.clone(),
-                "values": torch.as_tensor(self.values).clone(),
-                "formulation": self.f.state_dict(), "multipliers": self.mu.state_dict(), "rng": rng_state()}
+        """The run's state (collective under data parallelism: call it on every rank)."""
+        state = {"step": self.step, "history": self.history, "elapsed_s": self.elapsed,
+                 "pretrained_values": self.pretrained_values.clone(), "thresholds": self.threshold_values.clone(),
+                 "values": torch.as_tensor(self.values).clone(),
+                 "formulation": self.f.state_dict(), "multipliers": self.mu.state_dict(), "rng": rng_state()}
+        dist = get_dist()
+        state["world_size"] = dist.world_size
+        if dist.world_size > 1:  # each rank draws its own batches
+            state["ranks"] = dist.gather_object({"generator": state["formulation"]["generator"], "rng": state["rng"]})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history, self.elapsed = int(state["step"]), list(state["history"]), float(state["elapsed_s"])
@@ -61,7 +71,12 @@ class PrimalDual:
         self.values = state["values"]
         self.f.load_state_dict(state["formulation"])
         self.mu.load_state_dict(state["multipliers"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if "ranks" in state:
+            own = state["ranks"][get_dist().rank]
+            self.f.gen.set_state(own["generator"])
+            rng = own["rng"]
+        set_rng_state(rng)
 
     # -- divergence ------------------------------------------------------------------------------
     def _check(self, step: int, kind: str, names, values) -> None:
@@ -73,9 +88,14 @@ class PrimalDual:
                 raise Diverged(step, f"{kind} {n}", v)
 
     def _check_losses(self, step: int, losses: dict) -> None:
-        for k, v in losses.items():
-            if isinstance(v, (int, float)) and not math.isfinite(v):
-                raise Diverged(step, "loss" if k == "loss" else f"loss ({k})", v)
+        bad = next(((k, v) for k, v in losses.items() if isinstance(v, (int, float)) and not math.isfinite(v)), None)
+        dist = get_dist()
+        if dist.enabled:  # losses are per rank: every rank must stop together
+            if float(dist.mean(torch.tensor([0.0 if bad is None else 1.0]))) > 0 and bad is None:
+                raise Diverged(step, "loss (on another data-parallel rank)", float("nan"))
+        if bad is not None:
+            k, v = bad
+            raise Diverged(step, "loss" if k == "loss" else f"loss ({k})", v)
 
     def _record(self, step, losses, values, thresholds, mu, elapsed):
         names = self.f.constraint_names()
@@ -95,7 +115,7 @@ class PrimalDual:
                 bad = _first_nonfinite(p)
                 if bad is not None:
                     raise Diverged(self.step, f"trainable weight {n}", bad)
-            self.checkpoint(self.step, self.state_dict())
+            self.checkpoint(self.step, self.state_dict())  # the callback writes on the main rank only
 
     def run(self, resume: dict | None = None):
         """Run (or, given a checkpoint's state, continue) the dual steps; returns
@@ -103,7 +123,8 @@ class PrimalDual:
         :class:`Diverged` on the first non-finite quantity, before any checkpoint of it."""
         # computed on a resume too: it draws from the formulation's generator exactly as the
         # original run did (e.g. RU's importance pool), before the saved states replace it
-        pre = self.f.pretrained_values()
+        dist = get_dist()  # constraint estimates are averaged over data-parallel ranks
+        pre = dist.mean(self.f.pretrained_values())
         names = self.f.constraint_names()
         self._check(0, "pretrained constraint", names, pre)
         thr = self.f.thresholds(pre)
@@ -121,7 +142,7 @@ class PrimalDual:
                 for _ in range(self.k):
                     losses = self.f.primal_step(mu)
                     self._check_losses(step, losses)
-            values = self.f.estimate(mu)
+            values = dist.mean(self.f.estimate(mu))
             self._check(step, "constraint", names, values)
             self.mu.update(self.f.violation(values, thr))
             self._check(step, "multiplier", names, self.mu.value())
@@ -137,6 +158,6 @@ class PrimalDual:
         final_mu = self.mu.value()
         extra = self.f.finalize(final_mu)
         if extra:
-            values = self.f.estimate(final_mu)
+            values = dist.mean(self.f.estimate(final_mu))
         self.final_values = values
         return final_mu, values, thr, extra

@@ -94,7 +94,8 @@ class GaussianSampler:
         return -(r**2).sum(1) / (2 * self.s[k] ** 2) - 0.5 * d * math.log(2 * math.pi * self.s[k] ** 2)
 
     def prior(self, n: int, shape: Sequence[int], generator=None, device="cpu", dtype=torch.float32):
-        return torch.randn(n, *shape, generator=generator, device=device, dtype=dtype)
+        # drawn where the generator lives (the CPU), then moved: the same numbers on every device
+        return torch.randn(n, *shape, generator=generator, dtype=dtype).to(device)
 
     def sample(self, model: ScoreModel, n: int, generator: torch.Generator | None = None, cond=None,
                grad: bool = False, record: bool = False, log_prob: bool = False,
@@ -120,7 +121,7 @@ class GaussianSampler:
                     callback(k, t, x, eps)
                 mean = self.mean(x, eps, k)
                 if self.stochastic(k):
-                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                     x_next = mean + self.s[k] * noise
                 else:
                     x_next = mean

@@ -17,7 +17,9 @@ class UnlearningSetup:
     (RU and LU need them); ``forget_sets[i]`` holds samples of ``q_i`` (FU needs only these);
     ``retain_sampler(n, generator)`` gives retain data (``None``: use pretrained samples).
     ``oracle`` is the exact side where one exists (the GMM). ``evaluate`` and ``plot`` are the
-    model family's own metrics and pictures.
+    model family's own metrics and pictures. Conditioning lives inside the score models (text
+    models hand out one conditioned view of a shared UNet per role), so ``cond`` is ``None``
+    for them.
     """
 
     name: str
@@ -34,6 +36,13 @@ class UnlearningSetup:
     plot: Callable[..., None] | None = None
     save_samples: Callable[..., None] | None = None
     info: dict = field(default_factory=dict)
+    # LU's likelihood ratio l_i = q_i / p: by default the concepts over the pretrained model; text
+    # models use the plain conditional model of each unlearn prompt over the unconditional model
+    likelihood_concepts: list[ScoreModel] | None = None
+    likelihood_reference: ScoreModel | None = None
+    save_model: Callable[..., None] | None = None  # write the trained weights in the family's own format
+    to_images: Callable[[torch.Tensor], torch.Tensor] | None = None  # model samples -> images in [0, 1]
+    from_images: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def schedule(self):

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import (CHECKPOINT, FORMAT, FORMAT_VERSION, RUN_INFO, RunDirError, inspect_run_dir, read_run_info,
-                         result_hash, resume_hash, save_checkpoint)
+from .checkpoint import (CHECKPOINT, FORMAT, FORMAT_VERSION, RUN_INFO, RunDirError, inspect_run_dir, load_checkpoint,
+                         read_run_info, result_hash, resume_hash, save_checkpoint)
 from .config import ConfigError, validate_config
+from .distributed import get_dist
 from .dual import build_multipliers
 from .logger import RunLogger
 from .primal_dual import Diverged, PrimalDual
@@ -42,7 +43,7 @@ def build(cfg: DictConfig, show_progress: bool = True):
     formulation_cls.check_config(cfg, fixed)  # fail before any pretraining
     setup = _resolve(str(cfg.model._target_), "model._target_")(cfg, show_progress=show_progress)
     sampler = build_sampler(setup.schedule, cfg.model.sampler)
-    gen = generator(int(cfg.seed))
+    gen = generator(int(cfg.seed) + 1_000_003 * get_dist().rank)  # data-parallel ranks draw different batches
     formulation = formulation_cls(cfg.formulation, setup, sampler, gen, fixed_multipliers=fixed,
                                   show_progress=show_progress)
     multipliers = build_multipliers(cfg.method, formulation)
@@ -75,6 +76,10 @@ def _seed_everything(seed: int) -> None:
 def _check_fits(ckpt: dict, formulation, multipliers, path: Path) -> None:
     """A checkpoint of the same config must fit the model built now (else the code changed)."""
     state = ckpt["state"]
+    world = get_dist().world_size
+    if int(state.get("world_size", 1)) != world:
+        raise RunDirError(f"{path}: checkpoint written by {state.get('world_size', 1)} data-parallel process(es), "
+                          f"this run has {world}; resume with the same number of processes")
     try:
         saved = state["formulation"]["trainable"]
         params = formulation._trainable_named()
@@ -101,23 +106,42 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     show = bool(cfg.get("progress", True))
     validate_config(cfg)
     resume_mode, checkpoint_every = _train_options(cfg)
-    run_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir)
+    dist = get_dist()
+    main = dist.is_main
+    run_dir = Path(dist.broadcast_object(str(run_dir if run_dir is not None else cfg.paths.run_dir)))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     dual_steps = int(cfg.train.dual_steps)
     seed = int(cfg.seed)
     # nothing is written before this check: a foreign or corrupt run directory stays as it is
-    plan = inspect_run_dir(run_dir, resolved, resume_mode, dual_steps)
-    if plan is not None and plan["completed"]:
+    plan, error = None, None
+    if main:
+        try:
+            plan = inspect_run_dir(run_dir, resolved, resume_mode, dual_steps)
+        except RunDirError as exc:
+            error = exc
+    verdict = dist.broadcast_object({"error": str(error) if error else None, "fresh": plan is None,
+                                     "completed": bool(plan and plan["completed"])})
+    if error is not None:
+        raise error
+    if verdict["error"] is not None:
+        raise RunDirError(verdict["error"])
+    if verdict["completed"]:
+        if not main:
+            return {"status": "completed", "rank": dist.rank}
         summary = json.loads((run_dir / "summary.json").read_text())
         if show:
             print(f"{run_dir}: this run is already complete (checkpoint at dual step {dual_steps}); "
                   f"outputs left as they are", file=sys.stderr)
         return summary
-    ckpt = plan["checkpoint"] if plan is not None else None
-    old_info = read_run_info(run_dir) if plan is not None else None
+    ckpt = None
+    if not verdict["fresh"]:
+        ckpt = plan["checkpoint"] if main else (load_checkpoint(run_dir / CHECKPOINT)
+                                                if (run_dir / CHECKPOINT).exists() else None)
+    old_info = read_run_info(run_dir) if main and plan is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in run_dir.glob(f"{CHECKPOINT}*.tmp"):  # left by a run killed while it wrote a checkpoint
-        tmp.unlink(missing_ok=True)
+    if main:
+        for tmp in run_dir.glob(f"{CHECKPOINT}*.tmp"):  # left by a run killed while it wrote a checkpoint
+            tmp.unlink(missing_ok=True)
     torch.set_num_threads(int(cfg.get("num_threads", 2)))
     _seed_everything(seed)
 
@@ -126,7 +150,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     _seed_everything(seed)
     if ckpt is not None:
         _check_fits(ckpt, formulation, multipliers, run_dir / CHECKPOINT)
-        if show:
+        if show and main:
             print(f"resuming {run_dir} from its checkpoint at dual step {ckpt['step']} of {dual_steps}",
                   file=sys.stderr)
     stable_info, volatile_info = split_volatile(setup.info)
@@ -135,20 +159,24 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 "result_hash": result_hash(resolved), "seed": seed, "status": "running",
                 "versions": package_versions(), "git": git_state(), **device_info(setup.model),
                 "sessions": list((old_info or {}).get("sessions", [])) if ckpt is not None else []}
-    run_info["sessions"].append({**session(int(ckpt["step"]) if ckpt is not None else None), "setup": volatile_info})
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
+    run_info["sessions"].append({**session(int(ckpt["step"]) if ckpt is not None else None), "setup": volatile_info,
+                                 "world_size": dist.world_size})
+    if main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
 
-    logger = RunLogger(run_dir, cfg.get("logger"), resolved, resume_step=int(ckpt["step"]) if ckpt else None)
+    logger = RunLogger(run_dir, cfg.get("logger"), resolved,
+                       resume_step=int(ckpt["step"]) if ckpt else None) if main else None
     saved = {"step": int(ckpt["step"]) if ckpt is not None else None}
 
     def checkpoint(step: int, state: dict):
-        save_checkpoint(run_dir / CHECKPOINT, state, step, r_hash)
+        if main:
+            save_checkpoint(run_dir / CHECKPOINT, state, step, r_hash)
         saved["step"] = step
 
     t_train, timing = time.time(), {}
     driver = PrimalDual(formulation, multipliers, dual_steps, cfg.train.primal_steps_per_dual,
-                        logger=logger, show_progress=show, log_every=int(cfg.train.get("log_every", 1)),
+                        logger=logger, show_progress=show and main, log_every=int(cfg.train.get("log_every", 1)),
                         checkpoint_every=checkpoint_every, checkpoint=checkpoint)
 
     def finish(summary: dict, status: str) -> dict:
@@ -164,6 +192,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     try:
         mu, values, thr, extra = driver.run(resume=ckpt["state"] if ckpt is not None else None)
     except Diverged as d:
+        if not main:
+            return {"status": "diverged", "rank": dist.rank}
         last = driver.history[-1] if driver.history else None
         summary = {**head, "status": "diverged",
                    "diverged": {"step": d.step, "quantity": d.quantity, "value": str(d.value)},
@@ -171,6 +201,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                    "threshold_factor": formulation.factor, "seed": seed}
         return finish(summary, "diverged")
     timing["train"] = time.time() - t_train
+    if dist.world_size > 1:  # every rank's multipliers after each dual step, to check they agree
+        import hashlib
+
+        w = formulation.trainable_state()
+        sha = hashlib.sha256(b"".join(w[k].float().numpy().tobytes() for k in sorted(w))).hexdigest()
+        atomic_write_text(run_dir / f"rank{dist.rank}_multipliers.json",
+                          json.dumps({"multipliers": [h["multipliers"] for h in driver.history],
+                                      "final": [float(v) for v in mu], "trainable_sha256": sha}))
+        if not main:
+            return {"status": "completed", "rank": dist.rank, "multipliers": [float(v) for v in mu]}
 
     # final samples of the unlearned model and of the pretrained model, same seed
     n = int(cfg.train.final_samples)
@@ -192,9 +232,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         title = f"{cfg.model.name} / {formulation.name.upper()} / {cfg.method.name}"
         setup.plot(run_dir / "samples.png", pre_samples, samples, target.formulation if target else formulation.name,
                    target.multipliers if target else [float(v) for v in mu], title=title)
-    atomic_torch_save({"state_dict": formulation.trainable_state(), "multipliers": mu,
-                       "composed": not formulation.has_primal and not extra},
+    composed = not formulation.has_primal and not extra  # RU dual-only: the result is the composed score
+    atomic_torch_save({"state_dict": formulation.trainable_state(), "multipliers": mu, "composed": composed},
                       run_dir / "model.pt")
+    if setup.save_model is not None and not composed:  # e.g. LoRA in diffusers format
+        setup.save_model(run_dir)
 
     tol = float(cfg.train.satisfied_tol)
     sat = formulation.satisfied(values, thr, tol)

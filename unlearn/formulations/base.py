@@ -132,7 +132,9 @@ class Formulation:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _trainable_named(self) -> dict:
-        return {n: p for n, p in self.setup.model.named_parameters() if p.requires_grad}
+        """The parameters the primal optimiser trains, by name (e.g. LoRA adapters only)."""
+        ids = {id(p) for p in self.setup.model.trainable_parameters()}
+        return {n: p for n, p in self.setup.model.named_parameters() if id(p) in ids}
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue: the trainable parameters only (never the frozen
@@ -161,6 +163,9 @@ class Formulation:
         self.gen.set_state(state["generator"])
 
     def trainable_state(self) -> dict:
+        own = getattr(self.setup.model, "trainable_state", None)  # e.g. LoRA views: adapters only
+        if callable(own):
+            return own()
         return {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
 
     def primal_optimizer(self, params, lr: float, weight_decay: float = 0.0):
@@ -168,8 +173,11 @@ class Formulation:
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, optional gradient-norm clipping (``formulation.grad_clip``), step of ``self.opt``."""
+        from ..distributed import get_dist
+
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        get_dist().average_gradients(self.setup.model.trainable_parameters())  # data-parallel ranks
         clip = float(self.cfg.get("grad_clip", 0.0))
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.setup.model.trainable_parameters(), clip)

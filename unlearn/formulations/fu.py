@@ -61,8 +61,9 @@ class ForwardKLUnlearning(Formulation):
         if float(cfg.formulation.threshold_factor) <= 1.0:
             raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation=fu (the forget loss must "
                               f"rise above its pretrained value; got {cfg.formulation.threshold_factor})")
-        if str(cfg.formulation.get("retain", "data")) not in ("data", "model"):
-            raise ConfigError(f"formulation.retain must be one of ['data', 'model'] (got {cfg.formulation.retain!r})")
+        if str(cfg.formulation.get("retain", "auto")) not in ("data", "model", "auto"):
+            raise ConfigError(f"formulation.retain must be one of ['data', 'model', 'auto'] "
+                              f"(got {cfg.formulation.retain!r})")
         if str(cfg.formulation.multipliers) not in cls.GROUPINGS:
             raise ConfigError(f"formulation.multipliers must be one of {list(cls.GROUPINGS)} "
                               f"(got {cfg.formulation.multipliers!r})")

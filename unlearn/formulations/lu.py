@@ -62,7 +62,9 @@ class LikelihoodUnlearning(Formulation):
         """``l_i(x) = q_i(x) / p_pre(x)``, shape (N, m); differentiable in ``x`` for reparam."""
         if self.likelihood_mode == "exact":
             return torch.exp(self.setup.oracle.log_l(x)).to(x.dtype)
-        llr = log_likelihood_ratio(x, self.setup.concepts, self.setup.pretrained,
+        concepts = self.setup.likelihood_concepts or self.setup.concepts
+        reference = self.setup.likelihood_reference or self.setup.pretrained
+        llr = log_likelihood_ratio(x, concepts, reference,
                                    num_timesteps=int(self.cfg.likelihood_timesteps),
                                    num_noise=int(self.cfg.likelihood_noise), generator=self.gen,
                                    antithetic=bool(self.cfg.get("antithetic", True)),
@@ -84,8 +86,15 @@ class LikelihoodUnlearning(Formulation):
 
     # -- primal --------------------------------------------------------------------------------
     def esd_target(self, multipliers) -> ComposedScore:
+        """ESD: ``eps_pre - sum_i eta_i (eps_qi - eps_ref)`` with the likelihood's models ``q_i`` and
+        reference (GMM: ``(1 + eta) eps_pre - eta eps_q``; text: ESD's ``eps(c_from) - eta (eps(c) - eps(none))``)."""
         eta = torch.as_tensor(multipliers, dtype=torch.float32)
-        return ComposedScore([self.setup.pretrained, *self.setup.concepts], torch.cat([(1 + eta.sum()).view(1), -eta]))
+        concepts = list(self.setup.likelihood_concepts or self.setup.concepts)
+        reference = self.setup.likelihood_reference
+        if reference is None:
+            return ComposedScore([self.setup.pretrained, *concepts], torch.cat([(1 + eta.sum()).view(1), -eta]))
+        return ComposedScore([self.setup.pretrained, *concepts, reference],
+                             torch.cat([torch.ones(1), -eta, eta.sum().view(1)]))
 
     def primal_step(self, multipliers):
         model, n = self.setup.model, int(self.cfg.primal_batch_size)

@@ -149,7 +149,7 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSe
     return UnlearningSetup(
         name="gmm", pretrained=pretrained_frozen, model=model, concepts=concepts,
         concept_names=[f"component {i}" for i in unlearn], forget_sets=forget_sets,
-        retain_sampler=gmm.sample if str(cfg.formulation.get("retain", "data")) == "data" else None,
+        retain_sampler=gmm.sample if str(cfg.formulation.get("retain", "auto")) in ("data", "auto") else None,
         oracle=oracle, evaluate=evaluator.evaluate, plot=evaluator.plot, save_samples=evaluator.save_samples,
         info={"pretrain_cache_hit": bool(hit_pre and all(hits)), "pretrain_time_s": round(pretrain_time, 2)})
 

@@ -1,0 +1,188 @@
+"""diffusers UNets behind the one score-model interface.
+
+:class:`DiffusersScore` turns a ``UNet2DModel`` (unconditional or class-conditional) or a
+``UNet2DConditionModel`` (text embeddings) into a :class:`~unlearn.models.base.ScoreModel`:
+``eps(x_t, t, cond)`` at our integer timesteps, with the noise schedule read from the model's
+scheduler config. ``cond`` is ``None``, a tensor (text embeddings ``(P, L, D)`` or class
+labels ``(P,)``; ``P`` conditions cycle over the batch) or a :class:`Guidance` (classifier-free
+guidance in one batched call).
+
+:class:`ConditionedView` fixes the condition (and whether LoRA adapters are active) of a
+shared UNet, so one set of weights serves as the trainable model (adapters on), the frozen
+pretrained model (adapters off) and one model per concept prompt (adapters off, the concept's
+embeddings). The formulations see only score models and never know about prompts or LoRA.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..schedule import NoiseSchedule
+from .base import ScoreModel
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance: ``eps_u + scale (eps_c - eps_u)``; ``scale = 1`` is plain ``eps_c``."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    scale: float = 1.0
+
+
+def schedule_from_scheduler_config(sc: dict) -> NoiseSchedule:
+    """The training noise schedule of a diffusers scheduler config (DDPM/DDIM/PNDM/...)."""
+    kind = sc.get("beta_schedule", "linear")
+    T = int(sc.get("num_train_timesteps", 1000))
+    b0, b1 = float(sc.get("beta_start", 1e-4)), float(sc.get("beta_end", 0.02))
+    if sc.get("trained_betas") is not None:
+        return NoiseSchedule(torch.tensor(sc["trained_betas"], dtype=torch.float64))
+    if kind == "linear":
+        return NoiseSchedule.linear(b0, b1, T)
+    if kind == "scaled_linear":
+        return NoiseSchedule.scaled_linear(b0, b1, T)
+    raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported; accepted: linear, scaled_linear")
+
+
+def lora_layers(module: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module):
+    """Run ``module`` as the base model: every LoRA layer switched off, restored afterwards."""
+    layers = lora_layers(module)
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules, dropout: float = 0.0, seed: int = 0):
+    """Freeze ``unet`` and add LoRA adapters (B = 0, so the model starts at the pretrained one)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                     target_modules=target_modules, init_lora_weights=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        inject_adapter_in_model(cfg, unet)
+    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    if n == 0:
+        raise ConfigError(f"model.lora.target_modules matched no layer of the UNet (got {target_modules!r})")
+    return cfg
+
+
+class DiffusersScore(ScoreModel):
+    """A diffusers UNet as a noise predictor at discrete timesteps."""
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, sample_shape, conditioning: str = "none",
+                 prediction_type: str = "epsilon", precision: str = "fp32", max_batch: int = 64):
+        super().__init__()
+        if conditioning not in ("none", "text", "class"):
+            raise ValueError(f"conditioning must be none, text or class (got {conditioning!r})")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"model prediction_type {prediction_type!r} is not supported; accepted: epsilon, "
+                              f"v_prediction")
+        self.unet = unet
+        self.schedule = schedule
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.conditioning, self.prediction_type = conditioning, prediction_type
+        self.precision = precision
+        self.max_batch = int(max_batch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=DTYPES[self.precision])
+
+    def _cycle(self, c: torch.Tensor, n: int) -> torch.Tensor:
+        if c.shape[0] == n:
+            return c
+        return c[torch.arange(n, device=c.device) % c.shape[0]]
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, c) -> torch.Tensor:
+        n = x.shape[0]
+        if self.conditioning == "text":
+            if c is None:
+                raise ValueError("a text-conditioned UNet needs text embeddings as its condition")
+            out = self.unet(x, t, encoder_hidden_states=self._cycle(c.to(x.device), n)).sample
+        elif self.conditioning == "class":
+            if c is None:
+                raise ValueError("a class-conditional UNet needs class labels as its condition")
+            out = self.unet(x, t, class_labels=self._cycle(c.to(x.device), n)).sample
+        else:
+            out = self.unet(x, t).sample
+        return out[:, : x.shape[1]]  # models that also predict a variance: keep the noise part
+
+    def eps(self, x, t, cond=None):
+        dev = self.device
+        t = self._timesteps(t, x).to(dev)
+        xin = x.to(dev, torch.float32)
+        outs = []
+        with self._autocast(dev):
+            for s in range(0, xin.shape[0], self.max_batch):
+                xs, ts = xin[s:s + self.max_batch], t[s:s + self.max_batch]
+                if isinstance(cond, Guidance):
+                    c = cond.cond
+                    if cond.uncond is None or cond.scale == 1.0:
+                        e = self._forward(xs, ts, c)
+                    else:
+                        both = self._forward(torch.cat([xs, xs]), torch.cat([ts, ts]),
+                                             torch.cat([self._cycle(cond.uncond, len(xs)), self._cycle(c, len(xs))]))
+                        e_u, e_c = both.chunk(2)
+                        e = e_u + cond.scale * (e_c - e_u)
+                else:
+                    e = self._forward(xs, ts, cond)
+                outs.append(e.float())
+        e = torch.cat(outs)
+        if self.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+            a = self.schedule.abar_at(t, xin)
+            e = a.sqrt() * e + (1 - a).sqrt() * xin
+        return e.to(x.device, x.dtype)
+
+
+class ConditionedView(ScoreModel):
+    """A :class:`DiffusersScore` with a fixed condition; ``adapters=False`` runs the base weights."""
+
+    def __init__(self, base: DiffusersScore, cond=None, adapters: bool = True, name: str = ""):
+        super().__init__()
+        self.base = base
+        self.cond = cond
+        self.adapters = adapters
+        self.name = name
+        self.schedule = base.schedule
+        self.sample_shape = base.sample_shape
+        self.max_batch = base.max_batch
+
+    def eps(self, x, t, cond=None):
+        if self.adapters:
+            return self.base.eps(x, t, self.cond)
+        with adapters_disabled(self.base.unet):
+            return self.base.eps(x, t, self.cond)
+
+    def trainable_parameters(self):
+        return [p for p in self.base.parameters() if p.requires_grad] if self.adapters else []
+
+    def with_cond(self, cond, name: str = "") -> "ConditionedView":
+        return ConditionedView(self.base, cond, self.adapters, name)
+
+    def trainable_state(self) -> dict:
+        """The trainable part only (LoRA adapters, or the whole UNet when fine-tuned)."""
+        return {k: v.detach().cpu() for k, v in self.base.named_parameters() if v.requires_grad}

@@ -1,0 +1,99 @@
+"""The digits evaluation network: what Inception, CLIP and SSCD are for the large models.
+
+A small CNN trained on the ``eval_train`` split (never seen by the diffusion model), its
+accuracy measured on ``eval_test``. It supplies
+
+* ``features(images)``: the 128-d penultimate activations (KID's feature space),
+* ``class_probs(images)``: softmax over the 10 digits (the concept score "how much 7 is in this
+  image", CLIP's role),
+* ``descriptor(images)``: L2-normalised penultimate activations (the copy-detection
+  descriptor, SSCD's role).
+
+Images follow the metrics' convention: float (N, C, H, W) in [0, 1]; colour is averaged to
+grey and other sizes are resized to 8x8.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils import atomic_torch_save, config_hash, generator
+
+log = logging.getLogger(__name__)
+
+
+class DigitsNet(nn.Module):
+    def __init__(self, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2), nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(2 * width * 4, feature_dim), nn.GELU())
+        self.head = nn.Linear(feature_dim, 10)
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, 1, 8, 8) in [-1, 1]."""
+        x = images.float()
+        if x.shape[1] != 1:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-2:] != (8, 8):
+            x = F.interpolate(x, size=(8, 8), mode="area")
+        return x * 2 - 1
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # logits
+        return self.head(self.features(images))
+
+    @torch.no_grad()
+    def class_probs(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self(images), -1)
+
+    @torch.no_grad()
+    def descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.features(images), dim=-1)
+
+
+def train_eval_net(cache_dir: str | Path, steps: int = 1500, seed: int = 0, show_progress: bool = False):
+    """The evaluation network (cached) and its held-out accuracy."""
+    from .digits import load_digits_splits
+
+    key = {"arch": "DigitsNet(32,128)", "steps": steps, "seed": seed, "data": "sklearn-digits/eval_train/seed0",
+           "augment": "shift1"}
+    path = Path(str(cache_dir)) / f"digits_evalnet_{config_hash(key)}.pt"
+    net = DigitsNet()
+    splits = load_digits_splits()
+    xt, yt = splits["eval_test"]
+    if path.exists():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(blob["state_dict"])
+            return net.eval(), float(blob["accuracy"])
+        except Exception as exc:
+            log.warning("cache entry %s unreadable (%s); retraining", path, exc)
+    torch.manual_seed(seed)
+    g = generator(seed)
+    x, y = splits["eval_train"]
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        xb = x[idx]
+        # random 1-pixel shifts: a classifier that does not hinge on exact pixel positions
+        dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+        xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+        loss = F.cross_entropy(net((xb + 1) / 2), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = float((net((xt + 1) / 2).argmax(-1) == yt).float().mean())
+    atomic_torch_save({"state_dict": net.state_dict(), "accuracy": acc}, path)
+    return net, acc

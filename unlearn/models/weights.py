@@ -1,0 +1,70 @@
+"""Finding pretrained diffusers weights: a local folder (``model.path``) or the Hugging Face hub.
+
+Without the weights the run stops before any work with one line naming the model and the three
+ways to provide it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import ConfigError
+
+LAYOUTS = {  # sub-folders a diffusers folder of each family must have (each with a config file)
+    "text2img": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "ddpm": ("unet", "scheduler"),
+}
+ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
+         "*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"]
+CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json")
+
+
+class MissingWeightsError(ConfigError):
+    """Pretrained weights are neither local nor downloadable."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def check_layout(root: Path, family: str, key: str = "model.path") -> None:
+    missing = [d for d in LAYOUTS[family] if not any((root / d / f).exists() for f in CONFIG_FILES)]
+    if missing:
+        raise ConfigError(f"{key}={str(root)!r} is not a diffusers folder of this model: missing "
+                          f"{', '.join(d + '/' for d in missing)} (expected {', '.join(d + '/' for d in LAYOUTS[family])}"
+                          f" as written by DiffusionPipeline.save_pretrained)")
+
+
+def locate_weights(name: str, hub_id: str | None, path: str | None, family: str, revision: str | None = None) -> Path:
+    """The local folder holding the model's diffusers layout; downloads when allowed and reachable."""
+    if path:
+        root = Path(str(path)).expanduser()
+        if not root.is_dir():
+            raise MissingWeightsError(f"model.path={str(root)!r} does not exist; point it at a folder written by "
+                                      f"DiffusionPipeline.save_pretrained (or `hf download {hub_id}`)")
+        check_layout(root, family)
+        return root
+    if not hub_id:
+        raise ConfigError(f"model {name}: set model.hub_id or model.path")
+    from huggingface_hub import snapshot_download
+
+    how = (f"connect to the internet, pre-download it with `hf download {hub_id}`, "
+           f"or set model.path=/path/to/a/local/copy")
+    try:
+        root = Path(snapshot_download(hub_id, revision=revision, allow_patterns=ALLOW, local_files_only=True))
+        check_layout(root, family, key=f"the cached copy of {hub_id}")
+        return root
+    except ConfigError:
+        raise
+    except Exception:
+        pass
+    if _offline():
+        raise MissingWeightsError(f"model {name} ({hub_id}) is not in the Hugging Face cache and HF_HUB_OFFLINE is "
+                                  f"set: {how}")
+    try:
+        root = Path(snapshot_download(hub_id, revision=revision, allow_patterns=ALLOW, etag_timeout=10))
+    except Exception as exc:
+        raise MissingWeightsError(f"model {name} ({hub_id}) is not in the Hugging Face cache and could not be "
+                                  f"downloaded ({type(exc).__name__}): {how}") from None
+    check_layout(root, family, key=f"the downloaded copy of {hub_id}")
+    return root
