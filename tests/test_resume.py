@@ -109,7 +109,8 @@ def interrupt_after(monkeypatch, step):
      "method.dual_kp=1.0"],
     ["formulation=fu", "formulation.retain=model", "method.dual_optimizer=adam"],  # retain pool drawn in __init__
     ["formulation=lu", "method=baseline"],  # fixed multipliers, ESD-style primal steps
-], ids=["ru-nupi-distill", "fu-model-adam", "lu-baseline"])
+    ["model=tiny_sd", "formulation=lu", "num_threads=1"],  # LoRA adapters on a (tiny) diffusers UNet
+], ids=["ru-nupi-distill", "fu-model-adam", "lu-baseline", "tiny_sd-lora-lu"])
 def test_resume_in_process_matches_an_uninterrupted_run(overrides, tmp_path, monkeypatch):
     cfg = cfg_of(overrides + ["formulation.dual_steps=4", "train.checkpoint_every=1"])
     train(cfg, run_dir=tmp_path / "ref")
@@ -117,7 +118,11 @@ def test_resume_in_process_matches_an_uninterrupted_run(overrides, tmp_path, mon
         interrupt_after(m, 2)
         with pytest.raises(Interrupted):
             train(cfg, run_dir=tmp_path / "resumed")
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
+    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    if "model=tiny_sd" in overrides:  # only the trainable part: the adapters, never the frozen UNet
+        keys = list(ckpt["state"]["formulation"]["trainable"])
+        assert keys and all("lora_" in k for k in keys)
     train(cfg, run_dir=tmp_path / "resumed")
     assert_same_final_state(tmp_path / "resumed", tmp_path / "ref")
 
