@@ -161,6 +161,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     d = s["diverged"]
     assert d["value"] in ("nan", "inf", "-inf") and d["quantity"].split()[0] in ("loss", "constraint", "multiplier")
     assert d["step"] >= 2 and s["checkpoint_step"] == d["step"] - 1
+    assert s["last_good"]["step"] == d["step"] - 1 and "time_s" not in s["last_good"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["status"] == "diverged" and on_disk["diverged"] == d
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")  # the last good state, loadable and finite

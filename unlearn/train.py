@@ -194,7 +194,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     except Diverged as d:
         if not main:
             return {"status": "diverged", "rank": dist.rank}
-        last = driver.history[-1] if driver.history else None
+        last = ({k: v for k, v in driver.history[-1].items() if k != "time_s"}  # no wall-clock in summaries
+                if driver.history else None)
         summary = {**head, "status": "diverged",
                    "diverged": {"step": d.step, "quantity": d.quantity, "value": str(d.value)},
                    "checkpoint_step": saved["step"], "last_good": last,
