@@ -1,6 +1,7 @@
 """Metrics of issue 5 (unlearn/metrics) on locally built stand-ins: no downloads, seconds on a CPU."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import socket
@@ -194,6 +195,7 @@ def test_kid_subset_size_adapts_and_is_recorded():
     assert p["reference"] == "pretrained samples" and p["image_size"] == [16, 16]
     assert p["weights"]["source"] == "given" and len(p["weights"]["state_sha256"]) == 64
     assert len(p["id"]) == 12
+    json.dumps(res)  # results go to summary.json as they are
     again = suite.evaluate(EvalContext(images=smooth_images(20, 0), reference_images=smooth_images(30, 1),
                                        reference_name="pretrained samples", step=8))["kid"]
     assert again["value"] == k["value"] and again["protocol"]["id"] == p["id"]  # seeded; step not in the id
@@ -264,6 +266,7 @@ def test_sscd_protocol_oracle_vs_forgetful_model(descriptor_file, offline):
     assert p["preprocess"]["mean"] == [0.485, 0.456, 0.406] and p["denoise"]["num_steps"] == 10
     assert p["denoise"]["first_timestep"] == 250 and p["image_size"] == [16, 16]
     assert set(suite.last_images) >= {"sscd_original", "sscd_denoised"}
+    json.dumps(r)
 
 
 def test_sscd_latent_model(descriptor_file, offline):
@@ -330,6 +333,7 @@ def test_clip_end_to_end_tiny_open_clip(clip_checkpoint, offline):
     assert p["weights"]["file"] == "tiny_clip.pt" and p["weights"]["model"] == "unlearn-test-tiny-clip"
     assert p["preprocess"]["size"] == [32, 32] and p["n_images"] == 6 and p["prompts"] == prompts
     assert p["open_clip_version"] and "100 * max(cos" in p["score"]
+    json.dumps(r)
 
 
 def test_clip_wrong_architecture_is_missing_not_a_crash(clip_checkpoint, offline):
@@ -363,6 +367,7 @@ def test_kl_and_likelihood_on_gmm():
     p = same["kl"]["protocol"]
     assert p["sampler"]["kind"] == "ddpm" and p["n"] == 64 and p["seed"] == 0
     assert same["likelihood"]["protocol"]["concepts"] == ["c2"]
+    json.dumps(same)
     skipped = suite.evaluate(EvalContext(model=pre))
     assert skipped["kl"]["status"] == "skipped" and "ctx.pretrained" in skipped["kl"]["reason"]
 
@@ -383,7 +388,7 @@ def test_missing_weights_warn_once_and_are_marked_missing(offline, caplog, monke
                           model=StdNormal(SHAPE), forget_images=smooth_images(1, 2))
         r1, r2 = suite.evaluate(ctx), suite.evaluate(ctx)
         MetricSuite.from_config(offline).check_available()  # a second suite in the same process: no new warning
-    assert time.perf_counter() - t0 < 3.0
+    assert time.perf_counter() - t0 < 5.0  # no network wait (a download attempt would take seconds or hang)
     assert set(missing) == {"kid", "sscd", "clip"}
     assert "metrics.kid.inception_path" in missing["kid"] and "HF_HUB_OFFLINE" in missing["kid"]
     assert "metrics.sscd.path" in missing["sscd"] and "metrics.clip.checkpoint" in missing["clip"]
@@ -403,7 +408,7 @@ def test_strict_mode_fails_fast(offline):
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match="metrics.strict=true.*kid.*sscd.*clip"):
         suite.check_available()
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 3.0
     with pytest.raises(ConfigError):
         suite.evaluate(EvalContext(images=smooth_images(4, 0), reference_images=smooth_images(4, 1)))
 
@@ -423,7 +428,7 @@ def test_unreachable_download_is_missing_within_the_timeout(tmp_path, monkeypatc
                                      "likelihood": {"enabled": False}})
     t0 = time.perf_counter()
     missing = suite.check_available()
-    assert time.perf_counter() - t0 < 1.5
+    assert time.perf_counter() - t0 < 2.5  # the probe gives up after download_timeout=0.3 s
     assert "download failed" in missing["sscd"] and "not reachable" in missing["sscd"]
     reset_warnings()
 
@@ -466,6 +471,18 @@ def test_gmm_runs_enable_nothing_by_default(offline, caplog):
     assert [s for s in range(1, 12) if every.due(s)] == [5, 10] and every.due(11, final=True)
 
 
+def test_context_from_setup():
+    from types import SimpleNamespace
+
+    pre, q = StdNormal(SHAPE), PointMass(forget_image())
+    setup = SimpleNamespace(model=pre, pretrained=pre, concepts=[q], concept_names=["horse"], cond="cowboy",
+                            concept_conds=["horse"])
+    sampler = GaussianSampler(SCHED, 10)
+    ctx = EvalContext.from_setup(setup, sampler, step=4, prompts=["a horse"])
+    assert (ctx.model, ctx.pretrained, ctx.sampler, ctx.cond, ctx.step) == (pre, pre, sampler, "cowboy", 4)
+    assert list(ctx.concepts) == [q] and list(ctx.concept_conds) == ["horse"] and list(ctx.prompts) == ["a horse"]
+
+
 def test_sample_images_and_png_grid(tmp_path):
     from PIL import Image
 
@@ -477,7 +494,7 @@ def test_sample_images_and_png_grid(tmp_path):
                                     kid_feature=SmallFeatures())
     suite.evaluate(EvalContext(images=imgs, reference_images=smooth_images(5, 0)))
     paths = suite.save_images(tmp_path / "eval", prefix="step1_")
-    assert sorted(p.name for p in paths) == ["step1_kid_images.png", "step1_kid_reference.png"]
+    assert sorted(p.name for p in paths) == ["step1_reference.png", "step1_samples.png"]
     assert Image.open(paths[0]).size[0] > 16
     bad = EvalContext(images=imgs * 2 - 1, reference_images=imgs)  # [-1, 1] images: a caller's bug
     assert suite.evaluate(bad)["kid"]["status"] == "error"

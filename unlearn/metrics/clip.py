@@ -101,7 +101,7 @@ class CLIPScorer:
                 "score": "100 * max(cos(image, text), 0) per image"}
 
 
-def _cached_tag_file(model_name: str, tag: str, pretrained_cfg: dict) -> str | None:
+def _cached_tag_file(pretrained_cfg: dict, cache_dir=None) -> str | None:
     """The locally cached weight file of an open_clip pretrained tag, without network access."""
     if "file" in pretrained_cfg and os.path.isfile(pretrained_cfg["file"]):
         return pretrained_cfg["file"]
@@ -115,16 +115,17 @@ def _cached_tag_file(model_name: str, tag: str, pretrained_cfg: dict) -> str | N
     repo, fname = os.path.split(hub)  # 'org/model/' -> ('org/model', ''); 'org/model/f.bin' -> ('org/model', 'f.bin')
     names = [fname] if fname else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
     for n in names:
-        hit = try_to_load_from_cache(repo, n)
+        hit = try_to_load_from_cache(repo, n, cache_dir=cache_dir)
         if isinstance(hit, str) and os.path.isfile(hit):
             return hit
     return None
 
 
 def load_clip(model_name: str, checkpoint: str | None, device="cpu", download_setting="auto",
-              timeout: float = 20.0) -> CLIPScorer:
-    """Build an open_clip model from a local checkpoint file (or a pretrained tag when it is cached
-    or can be downloaded). Raises :class:`WeightsUnavailable` when the weights are not there."""
+              timeout: float = 20.0, cache_dir=None) -> CLIPScorer:
+    """Build an open_clip model from a local checkpoint file (or a pretrained tag when it is in the
+    Hugging Face cache - ``cache_dir``, default HF's own - or can be downloaded there).
+    Raises :class:`WeightsUnavailable` when the weights are not there."""
     import open_clip
 
     hint = "set metrics.clip.checkpoint=/path/to/open_clip_pytorch_model.bin (and metrics.clip.model to its architecture)"
@@ -144,7 +145,8 @@ def load_clip(model_name: str, checkpoint: str | None, device="cpu", download_se
             raise WeightsUnavailable(f"metrics.clip.checkpoint={checkpoint} is neither a file nor an open_clip "
                                      f"pretrained tag of {name}; {hint}")
         force_pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-        path = _cached_tag_file(name, checkpoint, cfg)
+        cache_dir = os.path.expanduser(str(cache_dir)) if cache_dir else None
+        path = _cached_tag_file(cfg, cache_dir)
         source = f"tag {checkpoint} (cache)"
         if path is None:
             allowed, why = download_allowed(download_setting)
@@ -154,7 +156,7 @@ def load_clip(model_name: str, checkpoint: str | None, device="cpu", download_se
             if not ok:
                 raise WeightsUnavailable(f"open_clip tag {checkpoint!r}: {HF_URL} is not reachable ({err}); {hint}")
             try:
-                path = open_clip.download_pretrained(cfg)
+                path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
             except Exception as e:  # noqa: BLE001
                 raise WeightsUnavailable(f"download of open_clip tag {checkpoint!r} failed ({e}); {hint}") from None
             source = f"tag {checkpoint} (download)"

@@ -322,7 +322,7 @@ class MetricSuite:
                 self._set("sscd", mod, W.file_record(path, src))
             elif name == "clip":
                 scorer = load_clip(str(c.clip.model), c.clip.checkpoint, self.device, c.download,
-                                   float(c.download_timeout))
+                                   float(c.download_timeout), c.cache_dir)
                 self._set("clip", scorer, scorer.record)
             else:
                 self._loaded[name] = None  # kl, likelihood: no weights
@@ -396,7 +396,7 @@ class MetricSuite:
         fake = check_images(ctx.images, "ctx.images")
         r = compute_kid(real, fake, feature, int(c.subset_size), int(c.num_subsets), seed,
                         c.image_size, int(self.cfg.batch_size), int(c.degree), float(c.coef), self.device)
-        self.last_images.update(kid_images=fake, kid_reference=real)
+        self.last_images.update(samples=fake, reference=real)
         inception = str(c.feature) == "inception" and isinstance(feature, InceptionFeatures)
         v = _versions()
         proto = {
@@ -456,7 +456,7 @@ class MetricSuite:
         per_prompt = s.mean(0)
         red = str(self.cfg.clip.reduction)
         value = float(per_prompt.max()) if red == "max" else float(per_prompt.mean())
-        self.last_images.setdefault("kid_images", images)
+        self.last_images.setdefault("samples", images)
         proto = {**scorer.protocol(), "prompts": prompts, "n_images": len(images),
                  "image_size": list(images.shape[-2:]),
                  "reduction": ("max over prompts of the mean score over images" if red == "max"
