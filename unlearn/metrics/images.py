@@ -9,6 +9,7 @@ import torch
 
 from ..models.base import ScoreModel
 from ..samplers import GaussianSampler
+from .divergence import model_device
 from .sscd import pixel_decode
 
 
@@ -31,8 +32,7 @@ def sample_images(model: ScoreModel, sampler: GaussianSampler, n: int, seed: int
                   decode: Callable | None = None, batch_size: int = 32) -> torch.Tensor:
     """``n`` samples of ``model`` decoded to ``[0, 1]`` images on the CPU (seeded, batched)."""
     decode = decode or pixel_decode
-    p = next(iter(model.parameters()), None)
-    dev = p.device if p is not None else torch.device("cpu")
+    dev = model_device(model)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     out = []
     for i in range(0, int(n), int(batch_size)):

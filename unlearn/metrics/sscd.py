@@ -23,6 +23,7 @@ from torch import nn
 
 from ..models.base import ScoreModel
 from ..samplers import GaussianSampler
+from .divergence import model_device
 
 SSCD_FILENAME = "sscd_disc_mixup.torchscript.pt"
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
@@ -116,8 +117,7 @@ def sscd_protocol(model: ScoreModel, forget_images: torch.Tensor, descriptor: nn
     """
     encode = encode or pixel_encode
     decode = decode or pixel_decode
-    p = next(iter(model.parameters()), None)
-    mdev = p.device if p is not None else torch.device("cpu")
+    mdev = model_device(model)
     device = device or mdev
     sampler = sampler or denoising_sampler(model.schedule, t)
     ref = descriptors(forget_images, descriptor, preprocess, batch_size, device)
