@@ -15,13 +15,14 @@ class PrimalDual:
     """``for each dual step: K primal steps on the Lagrangian; estimate constraints; move mu``."""
 
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
-                 logger=None, show_progress: bool = True, log_every: int = 1):
+                 logger=None, show_progress: bool = True, log_every: int = 1, on_step=None):
         self.f, self.mu = formulation, multipliers
         self.dual_steps, self.k = int(dual_steps), int(primal_steps_per_dual)
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
         self.history: list[dict] = []
+        self.on_step = on_step  # on_step(step, model) -> dict of evaluation numbers (or None), logged with the step
 
-    def _record(self, step, losses, values, thresholds, mu, elapsed):
+    def _record(self, step, losses, values, thresholds, mu, elapsed, evaluation=None):
         names = self.f.constraint_names()
         rec = {
             "losses": losses,
@@ -29,6 +30,8 @@ class PrimalDual:
             "multipliers": {n: float(m) for n, m in zip(names, mu)},
             "time_s": round(elapsed, 3),
         }
+        if evaluation:
+            rec["eval"] = evaluation
         self.history.append({"step": step, **rec})
         if self.logger is not None and (step % self.log_every == 0 or step == self.dual_steps):
             self.logger.log(step, rec)
@@ -49,7 +52,8 @@ class PrimalDual:
                     losses = self.f.primal_step(mu)
             values = dist.mean(self.f.estimate(mu))
             self.mu.update(self.f.violation(values, thr))
-            self._record(step, losses, values, thr, mu, time.time() - t0)
+            evaluation = self.on_step(step, self.f.final_model(self.mu.value())) if self.on_step else None
+            self._record(step, losses, values, thr, mu, time.time() - t0, evaluation)
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),
                             mu=", ".join(f"{float(m):.3g}" for m in self.mu.value()), refresh=False)
         final_mu = self.mu.value()

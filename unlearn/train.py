@@ -63,9 +63,22 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     setup, sampler, formulation, multipliers, gen = build(cfg, show_progress=show)
     logger = RunLogger(run_dir, cfg.get("logger"), resolved) if dist.is_main else None
+    evaluator = None
+    if setup.to_images is not None and dist.is_main:  # image families: KID, SSCD, CLIP, KL, likelihood
+        from .evaluation import ImageEvaluator
+
+        evaluator = ImageEvaluator(cfg, setup, sampler, run_dir)  # metrics.strict: fails here, before training
+        evaluator = evaluator if evaluator.active else None
+
+    def on_step(step, model):
+        if evaluator is None or not evaluator.due(step):
+            return None
+        return evaluator.evaluate(model, step, f"step{step:05d}")[0]
+
     t_train = time.time()
     driver = PrimalDual(formulation, multipliers, cfg.train.dual_steps, cfg.train.primal_steps_per_dual,
-                        logger=logger, show_progress=show and dist.is_main, log_every=int(cfg.train.get("log_every", 1)))
+                        logger=logger, show_progress=show and dist.is_main, log_every=int(cfg.train.get("log_every", 1)),
+                        on_step=on_step)
     mu, values, thr, extra = driver.run()
     train_time = time.time() - t_train
     if dist.world_size > 1:  # every rank's multipliers after each dual step, to check they agree
@@ -92,6 +105,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if setup.evaluate is not None:
         metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None)
         pre_metrics = setup.evaluate(pre_samples, None, None)
+    metric_info = {}
+    if evaluator is not None:
+        metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final")
+        pre_metrics, _ = evaluator.evaluate(setup.pretrained, 0, "pretrained")
+        metric_info = {"metric_status": {k: r.get("status") for k, r in results.items()},
+                       "metrics_missing": {k: r.get("reason") for k, r in results.items() if r.get("status") != "ok"},
+                       "metric_protocols": {k: r.get("protocol") for k, r in results.items() if r.get("protocol")},
+                       "retain_set": evaluator.retain_info}
     if setup.save_samples is not None:
         setup.save_samples(run_dir / "samples.npy", samples)
         setup.save_samples(run_dir / "pretrained_samples.npy", pre_samples)
@@ -121,6 +142,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "threshold_factor": formulation.factor,
         "metrics": metrics,
         "pretrained_metrics": pre_metrics,
+        **metric_info,
         "extra": {**extra, **formulation.diagnostics(mu)},
         "setup": setup.info,
         "wall_time_s": round(time.time() - t_start, 2),

@@ -60,7 +60,7 @@ def kl_to_pretrained(model: ScoreModel, pretrained: ScoreModel, sampler: Gaussia
     if not any(sampler.stochastic(k) for k in range(sampler.num_steps)):
         raise ValueError("the pathwise KL needs a stochastic sampler (DDPM, or DDIM with eta > 0)")
     ref_cond = cond if isinstance(pretrained_cond, str) and pretrained_cond == "same" else pretrained_cond
-    gen = torch.Generator(device=model_device(model)).manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed))
     parts = [pathwise_kl(model, [pretrained], sampler, b, gen, cond=cond, ref_conds=[ref_cond])[:, 0]
              for b in _batches(int(n), batch_size)]
     kl = torch.cat(parts)
@@ -93,7 +93,7 @@ def expected_likelihood(model: ScoreModel, concepts: Sequence[ScoreModel], pretr
     log-ratio per concept (``mean_log_ratio``), standard errors, ``n``."""
     if not concepts:
         raise ValueError("expected_likelihood needs at least one concept model")
-    gen = torch.Generator(device=model_device(model)).manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed))
     xs = [sampler.sample(model, b, gen, cond=cond).x0 for b in _batches(int(n), batch_size)]
     x = torch.cat(xs)
     llr = concept_likelihood(x, concepts, pretrained, seed + 1, cond, concept_conds, num_timesteps, num_noise,

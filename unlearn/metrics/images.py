@@ -33,7 +33,7 @@ def sample_images(model: ScoreModel, sampler: GaussianSampler, n: int, seed: int
     """``n`` samples of ``model`` decoded to ``[0, 1]`` images on the CPU (seeded, batched)."""
     decode = decode or pixel_decode
     dev = model_device(model)
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed))
     out = []
     for i in range(0, int(n), int(batch_size)):
         b = min(int(batch_size), int(n) - i)

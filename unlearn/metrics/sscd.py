@@ -89,7 +89,7 @@ def denoise_from(model: ScoreModel, sampler: GaussianSampler, x0: torch.Tensor, 
     """Noise ``x0`` to timestep ``t`` and run ``sampler`` (which must start at ``t``) down to 0."""
     if sampler.timesteps[0] != int(t):
         raise ValueError(f"the denoising sampler starts at {sampler.timesteps[0]}, not at t={t}")
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
     x_t = model.schedule.add_noise(x0, noise, tt)
     return sampler.sample(model, x0.shape[0], generator=generator, cond=cond, x_T=x_t).x0
@@ -123,7 +123,7 @@ def sscd_protocol(model: ScoreModel, forget_images: torch.Tensor, descriptor: nn
     ref = descriptors(forget_images, descriptor, preprocess, batch_size, device)
     sims, first = [], None
     for s in seeds:
-        gen = torch.Generator(device=mdev).manual_seed(int(s))
+        gen = torch.Generator().manual_seed(int(s))  # CPU generator: samplers draw noise on the CPU
         den = []
         for i in range(0, len(forget_images), batch_size):
             xb = x0[i:i + batch_size].to(mdev) if x0 is not None else encode(forget_images[i:i + batch_size].to(mdev))

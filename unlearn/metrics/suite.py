@@ -161,6 +161,7 @@ class EvalContext:
     concepts: Sequence[ScoreModel] = ()           # q_i models (likelihood)
     concept_conds: Sequence[Any] = ()             # conditioning of each q_i
     concept_names: Sequence[str] = ()
+    likelihood_reference: ScoreModel | None = None  # the p of l_i = q_i / p when it is not `pretrained` (text: unconditional)
     encode: Callable | None = None                # [0, 1] images -> model space (default 2x - 1)
     decode: Callable | None = None                # model space -> [0, 1] images (default (x + 1) / 2)
     step: int | None = None                       # training step (recorded)
@@ -476,7 +477,7 @@ class MetricSuite:
     def _eval_likelihood(self, ctx, _, seed):
         self._need(ctx, "likelihood", "model", "pretrained", "sampler", "concepts")
         c = self.cfg.likelihood
-        r = expected_likelihood(ctx.model, list(ctx.concepts), ctx.pretrained, ctx.sampler, int(c.num_samples), seed,
+        r = expected_likelihood(ctx.model, list(ctx.concepts), ctx.likelihood_reference or ctx.pretrained, ctx.sampler, int(c.num_samples), seed,
                                 ctx.cond, list(ctx.concept_conds) or None, int(c.num_timesteps), int(c.num_noise),
                                 bool(c.antithetic), int(c.batch_size))
         names = list(ctx.concept_names) or [str(i) for i in range(len(ctx.concepts))]

@@ -405,7 +405,7 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
         forget_sets=forget_sets, retain_sampler=retain_sampler, oracle=None, evaluate=None, plot=plot,
         save_samples=save_samples, info=info, likelihood_concepts=likelihood_concepts,
         likelihood_reference=likelihood_reference, save_model=save_model, to_images=fam.to_images,
-        from_images=fam.from_images)
+        from_images=fam.from_images, prompts=list(P["unlearn"]) if fam.family == "text2img" else None)
 
 
 def save_unlearned(fam: ImageFamily, run_dir: Path) -> list[str]:
