@@ -107,8 +107,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         pre_metrics = setup.evaluate(pre_samples, None, None)
     metric_info = {}
     if evaluator is not None:
-        metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final")
-        pre_metrics, _ = evaluator.evaluate(setup.pretrained, 0, "pretrained")
+        suite_metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final")
+        metrics = {**metrics, **suite_metrics}
+        pre_metrics = {**pre_metrics, **evaluator.evaluate(setup.pretrained, 0, "pretrained")[0]}
         metric_info = {"metric_status": {k: r.get("status") for k, r in results.items()},
                        "metrics_missing": {k: r.get("reason") for k, r in results.items() if r.get("status") != "ok"},
                        "metric_protocols": {k: r.get("protocol") for k, r in results.items() if r.get("protocol")},
