@@ -17,7 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import unlearn.config  # noqa: E402,F401  (registers the ${pick:...} resolver)
 from unlearn import figures  # noqa: E402
 
-EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff")
+EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff", "digits_lu", "digits_fu", "digits_ru")
 
 
 def preset(name):
@@ -52,8 +52,9 @@ def main(argv=None):
                                 *a.overrides], cwd=ROOT)
             if r.returncode != 0:
                 print(f"[{name}] sweep exited with {r.returncode}; aggregating what exists", flush=True)
-        rows = figures.figure_tradeoff(sweep_dir, out, name, str(p.experiment.title), str(p.experiment.x),
-                                       str(p.experiment.y))
+        y = p.experiment.y
+        y = [str(v) for v in y] if OmegaConf.is_list(y) else str(y)
+        rows = figures.figure_tradeoff(sweep_dir, out, name, str(p.experiment.title), str(p.experiment.x), y)
         if name == "fig4":
             first = next((d for d in sweep_dir.iterdir() if (d / "config.yaml").exists()), None)
             if first is not None:

@@ -197,3 +197,33 @@ def test_paper_image_presets_compose_with_their_tuning(experiment, model, formul
     assert cfg.formulation.threshold_factor == cfg.experiment.threshold_factors[2]
     tuning = {"lu": ("primal_lr", 1e-4), "fu": ("primal_lr", 5e-6), "ru": ("kl_estimator", "path")}[formulation]
     assert cfg.formulation[tuning[0]] == tuning[1]
+
+
+def test_metrics_without_weights_are_missing_with_one_warning_each(tmp_path, caplog):
+    import logging
+
+    from unlearn.metrics import reset_warnings
+
+    reset_warnings()
+    with caplog.at_level(logging.WARNING, logger="unlearn.metrics"):
+        s = _run(["model=tiny_sd", "formulation=lu", "metrics.eval_every=1"], tmp_path)
+    assert s["metric_status"] == {"kid": "missing", "sscd": "missing", "clip": "missing", "kl": "ok",
+                                  "likelihood": "ok"}
+    assert set(s["metrics_missing"]) == {"kid", "sscd", "clip"}
+    assert "kid" not in s["metrics"] and np.isfinite(s["metrics"]["kl_to_pretrained"])
+    assert s["metric_protocols"]["likelihood"]["concepts"] == ["a horse", "a brown dog"]
+    for name in ("kid", "sscd", "clip"):  # one warning per metric, although evaluated at every step
+        assert sum(f"metric '{name}'" in r.getMessage() for r in caplog.records) == 1
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("expected_likelihood" in r["eval"] for r in steps)  # eval_every=1: logged with each dual step
+    assert (tmp_path / "eval" / "final_samples.png").exists()
+
+
+def test_strict_metrics_fail_before_training(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "model=tiny_sd", "formulation=lu", "logger=none",
+                        "metrics.strict=true", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 2
+    err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert err and "kid" in err[0] and "metrics.strict" in err[0]
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip()

@@ -23,6 +23,10 @@ LABELS = {
     "min_kl_to_concepts": "min_i KL(model || q_i) (estimated) [nats]",
     "kl_to_target": "KL(model || exact target) [nats]",
     "kl_retained_part": "KL(model || retained modes), both restricted to the retained cells [nats]",
+    "kid": "KID to the retain set (lower: better retention)",
+    "max_sscd": "max copy-detection similarity over forget images (lower: more forgotten)",
+    "clip": "max concept score over the unlearning prompts (CLIP, or 100 p(digit))",
+    "unlearned_share": "share of samples classified as an unlearned digit",
 }
 STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (threshold factor b)"),
          "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)")}
@@ -147,14 +151,67 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
         plt.close(fig)
 
 
-def figure_tradeoff(sweep_dir: Path, out_dir: Path, name: str, title: str, x: str, y: str) -> list[dict]:
-    rows = collect(sweep_dir, x, y)
+def figure_tradeoff(sweep_dir: Path, out_dir: Path, name: str, title: str, x: str, y) -> list[dict]:
+    """One panel per y metric (``y``: a name or a list of names) against ``x``; CSV of every point."""
+    ys = [y] if isinstance(y, str) else list(y)
+    per_y = [collect(sweep_dir, x, yy) for yy in ys]
+    rows = per_y[0]
     if not rows:
         raise FileNotFoundError(f"no runs found in {sweep_dir}")
+    for yy, other in zip(ys[1:], per_y[1:]):
+        for r, o in zip(rows, other):
+            r[yy] = o["y"]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / f"{name}.csv")
-    plot_tradeoff(rows, title, out_dir / name)
+    if len(ys) == 1:
+        plot_tradeoff(rows, title, out_dir / name)
+    else:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(ys), figsize=(6.0 * len(ys), 4.8))
+        for ax, pr in zip(axes, per_y):
+            plot_tradeoff(pr, "", None, ax=ax)
+        fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        for ext in ("png", "pdf"):
+            fig.savefig(out_dir / f"{name}.{ext}", dpi=130)
+        plt.close(fig)
+    multiplier_trajectories(sweep_dir, out_dir / f"{name}_multipliers.png", title)
     return rows
+
+
+def multiplier_trajectories(sweep_dir: Path, path: Path, title: str = "") -> Path | None:
+    """Each constrained run's multipliers over the dual steps (from metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for d in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        f = d / "metrics.jsonl"
+        if d.name.startswith("constrained") and f.exists() and f.read_text().strip():
+            recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            runs.append((d.name, recs))
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs) + 1, 3.2), squeeze=False)
+    for ax, (name, recs) in zip(axes[0], runs):
+        for k in recs[0]["multipliers"]:
+            ax.plot([r["step"] for r in recs], [r["multipliers"][k] for r in recs], label=k[:24])
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("dual step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("multiplier")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{title}: multipliers over training", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def figure1(out_dir: Path, means=((-2, 0), (2, 0), (0, 3)), stds=(0.5, 0.5, 0.5), weights=(1, 1, 1), unlearn=(2,),

@@ -42,13 +42,14 @@ class PrimalDual:
     """
 
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
-                 logger=None, show_progress: bool = True, log_every: int = 1, checkpoint_every: int = 0,
+                 logger=None, show_progress: bool = True, log_every: int = 1, on_step=None, checkpoint_every: int = 0,
                  checkpoint: Callable[[int, dict], None] | None = None):
         self.f, self.mu = formulation, multipliers
         self.dual_steps, self.k = int(dual_steps), int(primal_steps_per_dual)
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
         self.checkpoint_every, self.checkpoint = max(0, int(checkpoint_every)), checkpoint
         self.history: list[dict] = []
+        self.on_step = on_step  # on_step(step, model) -> dict of evaluation numbers (or None), logged with the step
         self.step = 0
         self.elapsed = 0.0
 
@@ -97,7 +98,7 @@ class PrimalDual:
             k, v = bad
             raise Diverged(step, "loss" if k == "loss" else f"loss ({k})", v)
 
-    def _record(self, step, losses, values, thresholds, mu, elapsed):
+    def _record(self, step, losses, values, thresholds, mu, elapsed, evaluation=None):
         names = self.f.constraint_names()
         rec = {
             "losses": losses,
@@ -105,6 +106,8 @@ class PrimalDual:
             "multipliers": {n: float(m) for n, m in zip(names, mu)},
             "time_s": round(elapsed, 3),
         }
+        if evaluation:
+            rec["eval"] = evaluation
         self.history.append({"step": step, **rec})
         if self.logger is not None and (step % self.log_every == 0 or step == self.dual_steps):
             self.logger.log(step, rec)
@@ -146,8 +149,9 @@ class PrimalDual:
             self._check(step, "constraint", names, values)
             self.mu.update(self.f.violation(values, thr))
             self._check(step, "multiplier", names, self.mu.value())
+            evaluation = self.on_step(step, self.f.final_model(self.mu.value())) if self.on_step else None
             self.step, self.values, self.elapsed = step, values, time.time() - t0
-            self._record(step, losses, values, thr, mu, self.elapsed)
+            self._record(step, losses, values, thr, mu, self.elapsed, evaluation)
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),
                             mu=", ".join(f"{float(m):.3g}" for m in self.mu.value()), refresh=False)
             if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.dual_steps:

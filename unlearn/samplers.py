@@ -42,16 +42,22 @@ class GaussianSampler:
     KINDS = ("ddpm", "ddim")
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 100, kind: str = "ddpm", eta: float = 1.0,
-                 variance: str = "beta"):
+                 variance: str = "beta", timesteps: Sequence[int] | None = None):
         if kind not in self.KINDS:
             raise ValueError(f"sampler.kind must be one of {list(self.KINDS)} (got {kind!r})")
-        if not 1 <= num_steps <= schedule.T:
-            raise ValueError(f"sampler.num_steps must be in 1..{schedule.T} (got {num_steps})")
         if variance not in ("beta", "posterior"):
             raise ValueError(f"sampler.variance must be 'beta' or 'posterior' (got {variance!r})")
         self.schedule, self.kind, self.eta, self.variance = schedule, kind, float(eta), variance
-        ts = torch.linspace(schedule.T - 1, 0, num_steps).round().long().tolist()
-        self.timesteps = sorted(set(ts), reverse=True)
+        if timesteps is None:
+            if not 1 <= num_steps <= schedule.T:
+                raise ValueError(f"sampler.num_steps must be in 1..{schedule.T} (got {num_steps})")
+            ts = torch.linspace(schedule.T - 1, 0, num_steps).round().long().tolist()
+            self.timesteps = sorted(set(ts), reverse=True)
+        else:
+            ts = [int(t) for t in timesteps]
+            if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > schedule.T - 1 or ts[-1] < 0:
+                raise ValueError(f"sampler timesteps must be strictly decreasing within 0..{schedule.T - 1} (got {ts})")
+            self.timesteps = ts
         a, c, s = [], [], []
         abar = schedule.abar
         for k, t in enumerate(self.timesteps):
@@ -74,6 +80,24 @@ class GaussianSampler:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    def from_timestep(self, t: int, num_steps: int | None = None) -> "GaussianSampler":
+        """The same kind of sampler started at timestep ``t`` instead of ``T-1``.
+
+        Its timesteps are ``t`` followed by this sampler's timesteps below ``t`` (``num_steps=None``),
+        or ``num_steps`` timesteps evenly spaced from ``t`` down to 0. Sample it with
+        ``x_T=x_t`` (e.g. ``schedule.add_noise(x0, noise, t)``) to denoise a noised input.
+        """
+        t = int(t)
+        if not 0 <= t <= self.schedule.T - 1:
+            raise ValueError(f"start timestep must be in 0..{self.schedule.T - 1} (got {t})")
+        if num_steps is None:
+            ts = [t] + [s for s in self.timesteps if s < t]
+        else:
+            if int(num_steps) < 1:
+                raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
+            ts = sorted(set(torch.linspace(t, 0, int(num_steps)).round().long().tolist()), reverse=True)
+        return GaussianSampler(self.schedule, kind=self.kind, eta=self.eta, variance=self.variance, timesteps=ts)
 
     def stochastic(self, k: int) -> bool:
         return self.s[k] > 0

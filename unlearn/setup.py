@@ -43,6 +43,9 @@ class UnlearningSetup:
     save_model: Callable[..., None] | None = None  # write the trained weights in the family's own format
     to_images: Callable[[torch.Tensor], torch.Tensor] | None = None  # model samples -> images in [0, 1]
     from_images: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # feature models the family supplies to the metric suite (kid_feature, sscd_descriptor, clip_scorer)
+    metric_models: dict = field(default_factory=dict)
+    prompts: list[str] | None = None  # the unlearning prompts (CLIP score), text-like families only
 
     @property
     def schedule(self):

@@ -153,6 +153,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         if show and main:
             print(f"resuming {run_dir} from its checkpoint at dual step {ckpt['step']} of {dual_steps}",
                   file=sys.stderr)
+    evaluator = None
+    if setup.to_images is not None and main:  # image families: KID, SSCD, CLIP, KL, likelihood
+        from .evaluation import ImageEvaluator
+
+        evaluator = ImageEvaluator(cfg, setup, sampler, run_dir)  # metrics.strict: fails here, before training
+        evaluator = evaluator if evaluator.active else None
+
+    def on_step(step, model):
+        if evaluator is None or not evaluator.due(step):
+            return None
+        return evaluator.evaluate(model, step, f"step{step:05d}")[0]
+
     stable_info, volatile_info = split_volatile(setup.info)
     r_hash = resume_hash(resolved)
     run_info = {"format": FORMAT, "format_version": FORMAT_VERSION, "resume_hash": r_hash,
@@ -177,7 +189,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     t_train, timing = time.time(), {}
     driver = PrimalDual(formulation, multipliers, dual_steps, cfg.train.primal_steps_per_dual,
                         logger=logger, show_progress=show and main, log_every=int(cfg.train.get("log_every", 1)),
-                        checkpoint_every=checkpoint_every, checkpoint=checkpoint)
+                        on_step=on_step, checkpoint_every=checkpoint_every, checkpoint=checkpoint)
 
     def finish(summary: dict, status: str) -> dict:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
@@ -226,6 +238,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if setup.evaluate is not None:
         metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None)
         pre_metrics = setup.evaluate(pre_samples, None, None)
+    metric_info = {}
+    if evaluator is not None:
+        suite_metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final")
+        metrics = {**metrics, **suite_metrics}
+        pre_metrics = {**pre_metrics, **evaluator.evaluate(setup.pretrained, 0, "pretrained")[0]}
+        metric_info = {"metric_status": {k: r.get("status") for k, r in results.items()},
+                       "metrics_missing": {k: r.get("reason") for k, r in results.items() if r.get("status") != "ok"},
+                       "metric_protocols": {k: r.get("protocol") for k, r in results.items() if r.get("protocol")},
+                       "retain_set": evaluator.retain_info}
     if setup.save_samples is not None:
         setup.save_samples(run_dir / "samples.npy", samples)
         setup.save_samples(run_dir / "pretrained_samples.npy", pre_samples)
@@ -253,6 +274,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "threshold_factor": formulation.factor,
         "metrics": metrics,
         "pretrained_metrics": pre_metrics,
+        **metric_info,
         "extra": {**extra, **formulation.diagnostics(mu)},
         "setup": stable_info,
         "seed": seed,

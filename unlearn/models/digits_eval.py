@@ -97,3 +97,78 @@ def train_eval_net(cache_dir: str | Path, steps: int = 1500, seed: int = 0, show
         acc = float((net((xt + 1) / 2).argmax(-1) == yt).float().mean())
     atomic_torch_save({"state_dict": net.state_dict(), "accuracy": acc}, path)
     return net, acc
+
+
+class DigitsFeatures(nn.Module):
+    """KID's feature space for the digits: the evaluation network's penultimate activations."""
+
+    def __init__(self, net: DigitsNet):
+        super().__init__()
+        self.net = net
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.features(images)
+
+
+class DigitsDescriptor(nn.Module):
+    """The copy-detection descriptor for the digits (SSCD's role): L2-normalised features.
+
+    Use it with ``metrics.sscd.resize=[8,8]``, mean 0 and std 1 (the digits presets set this)."""
+
+    def __init__(self, net: DigitsNet):
+        super().__init__()
+        self.net = net
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.descriptor(images)
+
+
+class DigitsConceptScorer:
+    """CLIP's role for the digits: ``100 * p(digit | image)`` for prompts ending in the digit ("digit 7")."""
+
+    def __init__(self, net: DigitsNet, accuracy: float):
+        self.net, self.accuracy = net, accuracy
+        self.record = {"source": "digits evaluation network (unlearn.models.digits_eval)",
+                       "held_out_accuracy": round(accuracy, 4)}
+
+    def to(self, device):
+        self.net.to(device)
+        return self
+
+    @staticmethod
+    def label(prompt: str) -> int:
+        tail = str(prompt).strip().split()[-1]
+        if not tail.isdigit() or not 0 <= int(tail) <= 9:
+            raise ValueError(f"digits concept prompts must end in a digit 0-9 (got {prompt!r})")
+        return int(tail)
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, prompts, batch_size: int = 32) -> torch.Tensor:
+        dev = next(self.net.parameters()).device
+        probs = torch.cat([self.net.class_probs(images[i:i + batch_size].to(dev)).cpu()
+                           for i in range(0, len(images), batch_size)])
+        return 100.0 * probs[:, [self.label(p) for p in prompts]]
+
+    def protocol(self) -> dict:
+        return {"weights": self.record, "score": "100 * softmax probability of the prompt's digit",
+                "preprocess": "grey, 8x8 (area resize), [-1, 1]"}
+
+
+def metric_models(net: DigitsNet, accuracy: float) -> dict:
+    """The evaluation network plugged into the metric suite where Inception, SSCD and CLIP go."""
+    return {"kid_feature": DigitsFeatures(net), "sscd_descriptor": DigitsDescriptor(net),
+            "clip_scorer": DigitsConceptScorer(net, accuracy)}
+
+
+@torch.no_grad()
+def class_shares(net: DigitsNet, images: torch.Tensor, unlearn: list[int], accuracy: float) -> dict:
+    """Share of images the evaluation network assigns to each digit, and to the unlearned ones."""
+    pred = torch.cat([net(images[i:i + 256]).argmax(-1) for i in range(0, len(images), 256)])
+    share = torch.bincount(pred, minlength=10).float() / len(pred)
+    probs = torch.cat([net.class_probs(images[i:i + 256]) for i in range(0, len(images), 256)])
+    return {"num_samples": len(images), "class_share": [round(float(v), 4) for v in share],
+            "unlearned_share": float(share[unlearn].sum()),
+            "unlearned_prob": float(probs[:, unlearn].sum(1).mean()),
+            "eval_net_accuracy": accuracy}

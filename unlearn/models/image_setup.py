@@ -40,7 +40,7 @@ from .weights import locate_weights
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-FAMILIES = ("text2img", "ddpm")
+FAMILIES = ("text2img", "ddpm", "classcond")
 FINETUNES = ("lora", "full")
 
 
@@ -58,6 +58,18 @@ def validate_image_config(m: DictConfig, cfg: DictConfig | None = None) -> None:
         p = m.get("prompts")
         if p is None or not list(p.get("retain") or []) or not list(p.get("unlearn") or []):
             raise ConfigError("model.prompts.retain and model.prompts.unlearn must each list at least one prompt")
+        if float(m.guidance_scale) < 1.0:
+            raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
+    if fam == "classcond":
+        c = m.get("classes")
+        n = int(m.num_classes)
+        unl = list(c.get("unlearn") or []) if c is not None else []
+        if not unl or any(not isinstance(i, int) or not 0 <= i < n for i in unl):
+            raise ConfigError(f"model.classes.unlearn must list class labels in 0..{n - 1} (got {unl})")
+        ret = c.get("retain")
+        if ret is not None and any(not isinstance(i, int) or not 0 <= i < n for i in list(ret)):
+            raise ConfigError(f"model.classes.retain must be null (unconditional) or class labels in 0..{n - 1} "
+                              f"(got {list(ret)})")
         if float(m.guidance_scale) < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
     if int(m.max_batch) < 1:
@@ -114,8 +126,13 @@ def _load_components(m, root: Path, dtype) -> dict:
     return {"unet": UNet2DModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype), "scheduler": sched}
 
 
-def components(m) -> tuple[dict, str]:
-    """The model's components and where they came from (``tiny`` or the weights folder)."""
+def components(m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:
+    """The model's components and where they came from (``tiny``, the local pretraining cache or the weights folder)."""
+    if m.get("pretrain") is not None and m.get("dataset") == "digits" and not m.get("path"):
+        from .digits import pretrain_digits
+
+        unet, sched, hit = pretrain_digits(m, cache_dir or "outputs/cache", show_progress)
+        return {"unet": unet, "scheduler": sched}, "digits UNet pretrained locally (" + ("cached" if hit else "new") + ")"
     if m.get("tiny") is not None and not m.get("path"):
         return _tiny_components(m), "tiny (random weights built from model.tiny)"
     root = locate_weights(str(m.name), m.get("hub_id"), m.get("path"), str(m.family), m.get("revision"))
@@ -192,7 +209,7 @@ class ImageFamily:
         self.family = str(m.family)
         self.device = _device(m)
         self.dtype = DTYPES[str(m.precision)]
-        comps, self.source = components(m)
+        comps, self.source = components(m, str(cfg.paths.cache_dir), show_progress)
         self.comps = comps
         unet = comps["unet"]
         self.schedule = schedule_from_scheduler_config(comps["scheduler"])
@@ -250,12 +267,50 @@ class ImageFamily:
         base = self.base if trained else self.pre_base
         return ConditionedView(base, cond, adapters=trained or not self.adapters_off, name=name)
 
+    # -- the family's own data and evaluation network (the digits testbed) --------------------------------
+    def dataset(self) -> torch.Tensor | None:
+        """Training images of a locally trained family (model space), or None."""
+        if self.m.get("dataset") == "digits":
+            from .digits import load_digits_splits
+
+            return load_digits_splits()["diffusion"][0]
+        return None
+
+    def eval_net(self):
+        if self.m.get("dataset") != "digits":
+            return None
+        if getattr(self, "_eval_net", None) is None:
+            from .digits_eval import train_eval_net
+
+            e = self.m.get("eval_net") or {}
+            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.get("steps", 1500)),
+                                                                int(e.get("seed", 0)))
+        return self._eval_net
+
+    def metric_models(self) -> dict:
+        net = self.eval_net()
+        if net is None:
+            return {}
+        from .digits_eval import metric_models
+
+        return metric_models(net, self.eval_accuracy)
+
+    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None) -> dict:
+        net = self.eval_net()
+        if net is None:
+            return {}
+        from .digits_eval import class_shares
+
+        return class_shares(net, self.to_images(samples), [int(i) for i in self.m.classes.unlearn],
+                            self.eval_accuracy)
+
     # -- pixels <-> model space ----------------------------------------------------------------------
     @torch.no_grad()
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
-        """Model samples -> images (N, 3, H, W) in [0, 1] on the CPU."""
+        """Model samples -> images (N, 3, H, W) in [0, 1] on the CPU (grey images repeated to RGB)."""
         if self.vae is None:
-            return ((x0.float().cpu() + 1) / 2).clamp(0, 1)
+            x = ((x0.float().cpu() + 1) / 2).clamp(0, 1)
+            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         out = []
         for s in range(0, len(x0), int(self.m.max_batch)):
             z = x0[s:s + int(self.m.max_batch)].to(self.device, self.dtype) / self.latent_scale
@@ -267,7 +322,7 @@ class ImageFamily:
         """Images in [0, 1] -> model samples (VAE latent mean for latent models), on the CPU."""
         x = images.float() * 2 - 1
         if self.vae is None:
-            return x
+            return x.mean(1, keepdim=True) if self.base.sample_shape[0] == 1 and x.shape[1] != 1 else x
         out = []
         for s in range(0, len(x), int(self.m.max_batch)):
             xs = x[s:s + int(self.m.max_batch)].to(self.device, self.dtype)
@@ -277,6 +332,10 @@ class ImageFamily:
 
 def _forget_sets(fam: ImageFamily, cfg, concept_views, gen) -> list[torch.Tensor]:
     m = fam.m
+    idx = list(m.get("forget_indices") or [])
+    if idx:  # specific training images, each its own forget set
+        x = fam.dataset()[idx]
+        return [x[i:i + 1] for i in range(len(x))]
     files = list(m.get("forget_images") or [])
     if files:
         imgs = load_images(files, fam.image_size)
@@ -354,6 +413,25 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
         prompt_rows = [(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])]
         info["prompts"] = P
         info["guidance_scale"] = g
+    elif fam.family == "classcond":
+        C = m.classes
+        null = torch.tensor([int(m.num_classes)])  # the classifier-free guidance null label
+        ret = torch.tensor(list(C.retain)) if C.get("retain") is not None else null
+        unl = [int(i) for i in C.unlearn]
+        g = float(m.guidance_scale)
+        names = [f"{m.class_prefix}{i}" for i in unl]
+        model = fam.view(Guidance(ret, null, g), trained=True, name="model")
+        pretrained = fam.view(Guidance(ret, null, g), trained=False, name="pretrained")
+        concepts = [fam.view(Guidance(torch.tensor([i]), null, g), trained=False, name=n) for i, n in zip(unl, names)]
+        likelihood_concepts = [fam.view(torch.tensor([i]), trained=False, name=n) for i, n in zip(unl, names)]
+        likelihood_reference = fam.view(null, trained=False, name="unconditional")
+        forget_sets = _forget_sets(fam, cfg, concepts, gen) if form == "fu" else []
+        if form == "fu" and m.get("forget_indices"):  # data unlearning: each training image its own constraint
+            names = [f"train image {i}" for i in m.forget_indices]
+        prompt_rows = [(n, Guidance(torch.tensor([i]), null, g)) for i, n in zip(unl, [f"{m.class_prefix}{i}" for i in unl])]
+        P = {"retain": [("unconditional" if C.get("retain") is None else f"classes {list(C.retain)}")],
+             "unlearn": [f"{m.class_prefix}{i}" for i in unl]}
+        info["classes"] = OmegaConf.to_container(C)
     else:
         model = fam.view(None, trained=True, name="model")
         pretrained = fam.view(None, trained=False, name="pretrained")
@@ -364,6 +442,14 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
             concepts = [_finetuned_concept(fam, x, i, cfg) for i, x in enumerate(forget_sets)]
         prompt_rows = []
     retain_sampler = None
+    data = fam.dataset()
+    if data is not None and str(cfg.formulation.get("retain", "auto")) in ("data", "auto"):
+        keep = torch.ones(len(data), dtype=torch.bool)
+        keep[list(m.get("forget_indices") or [])] = False  # the retain data never contain the forget images
+        retain_x = data[keep]
+
+        def retain_sampler(n, g):
+            return retain_x[torch.randint(0, len(retain_x), (n,), generator=g)]
     folder = m.get("retain_folder")
     retain_mode = str(cfg.formulation.get("retain", "auto"))
     if retain_mode == "data" and not folder:
@@ -402,10 +488,11 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
 
     return UnlearningSetup(
         name=str(m.name), pretrained=pretrained, model=model, concepts=concepts, concept_names=names,
-        forget_sets=forget_sets, retain_sampler=retain_sampler, oracle=None, evaluate=None, plot=plot,
+        forget_sets=forget_sets, retain_sampler=retain_sampler, oracle=None, plot=plot,
         save_samples=save_samples, info=info, likelihood_concepts=likelihood_concepts,
         likelihood_reference=likelihood_reference, save_model=save_model, to_images=fam.to_images,
-        from_images=fam.from_images)
+        from_images=fam.from_images, prompts=list(P["unlearn"]) if fam.family != "ddpm" else None,
+        metric_models=fam.metric_models(), evaluate=fam.family_metrics)
 
 
 def save_unlearned(fam: ImageFamily, run_dir: Path) -> list[str]:
