@@ -32,7 +32,8 @@ RUN_INFO = "run_info.json"
 RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt", "summary.json", RUN_INFO)
 
 RUNTIME_KEYS = ("progress", "logger", "num_threads", "paths", "train.resume", "train.checkpoint_every",
-                "train.log_every", "metrics.strict", "metrics.download_timeout", "metrics.cache_dir")
+                "train.log_every", "metrics.strict", "metrics.download", "metrics.download_timeout",
+                "metrics.cache_dir")
 EXTENSIBLE_KEYS = ("train.dual_steps", "formulation.dual_steps", "train.final_samples", "train.satisfied_tol",
                    "train.oracle_multipliers")
 
