@@ -59,7 +59,7 @@ class LikelihoodUnlearning(Formulation):
         return [f"E_p[l({n})]" for n in self.setup.concept_names]
 
     # -- likelihood ----------------------------------------------------------------------------
-    def likelihood(self, x: torch.Tensor) -> torch.Tensor:
+    def likelihood(self, x: torch.Tensor, num_noise: int | None = None) -> torch.Tensor:
         """``l_i(x) = q_i(x) / p_pre(x)``, shape (N, m); differentiable in ``x`` for reparam."""
         if self.likelihood_mode == "exact":
             return torch.exp(self.setup.oracle.log_l(x)).to(x.dtype)
@@ -67,7 +67,7 @@ class LikelihoodUnlearning(Formulation):
         reference = self.setup.likelihood_reference or self.setup.pretrained
         llr = log_likelihood_ratio(x, concepts, reference,
                                    num_timesteps=int(self.cfg.likelihood_timesteps),
-                                   num_noise=int(self.cfg.likelihood_noise), generator=self.gen,
+                                   num_noise=int(num_noise or self.cfg.likelihood_noise), generator=self.gen,
                                    antithetic=bool(self.cfg.get("antithetic", True)),
                                    cond_q=self.setup.concept_conds or None, cond_p=self.setup.cond)
         # exp() of a noisy log-ratio is heavy-tailed; clipping l trades a small bias for far less variance
@@ -146,12 +146,15 @@ class LikelihoodUnlearning(Formulation):
     def _weighted_pool(self):
         """``weighted_pool`` samples of the pretrained model with their estimated ``l_i`` (no grad)."""
         if self._pool is None:
-            n, b = int(self.cfg.get("weighted_pool", 8192)), int(self.cfg.batch_size)
+            n, b = int(self.cfg.get("weighted_pool", 4096)), int(self.cfg.batch_size)
+            # exp(-lam l) is convex in l: noise in the estimated l weakens the weighting (Jensen), so the
+            # pool, estimated once, gets more noise draws than the per-step constraint estimates
+            draws = int(self.cfg.get("weighted_likelihood_noise", 4))
             xs, ls = [], []
             for k in range(0, n, b):
                 x = self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen, cond=self.setup.cond).x0
                 with torch.no_grad():
-                    ls.append(self.likelihood(x).float().cpu())
+                    ls.append(self.likelihood(x, num_noise=draws).float().cpu())
                 xs.append(x.detach())
             self._pool = (torch.cat(xs), torch.cat(ls))
         return self._pool
