@@ -28,7 +28,8 @@ TINY = TINY_COMMON + TINY_BY_MODEL["gmm"]  # the default model's tiny overrides 
 IMAGE_MODELS = ("tiny_sd", "tiny_ddpm")
 TINY_BY_FORMULATION = {
     "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=16", "formulation.batch_size=32",
-           "formulation.likelihood_timesteps=4", "formulation.grad_timesteps=5"],
+           "formulation.likelihood_timesteps=4", "formulation.grad_timesteps=5",
+           "formulation.weighted_pool=128", "formulation.weighted_batch_size=64"],
     "ru": ["formulation.batch_size=64", "formulation.pool_size=256", "formulation.likelihood_timesteps=8"],
     "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=64", "formulation.forget_samples=32",
            "formulation.forget_batch_size=16", "formulation.eval_draws=2", "formulation.retain_pool=64"],

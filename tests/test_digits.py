@@ -55,3 +55,36 @@ def test_digits_runs_with_the_evaluation_network_as_metric_models(formulation, t
     if formulation == "fu":
         assert len(s["constraints"]) == 3 and np.isfinite(m["max_sscd"])
     assert (tmp_path / "samples.png").exists() and (tmp_path / "eval" / "final_samples.png").exists()
+
+
+# -- the checks, at full size (pretraining about 5-10 minutes on 2 cores, then cached) -----------
+def _full(formulation, tmp_path, *extra):
+    from unlearn.train import train
+
+    return train(compose_cfg(["model=digits", f"formulation={formulation}", "logger=none", "progress=false",
+                              *extra], tiny=False), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("formulation", ["lu", "ru"])
+def test_digits_concept_unlearning_removes_the_digit_and_keeps_the_others(formulation, tmp_path):
+    s = _full(formulation, tmp_path)
+    m, pre = s["metrics"], s["pretrained_metrics"]
+    assert pre["eval_net_accuracy"] > 0.95
+    unl = s["setup"]["classes"]["unlearn"]
+    # the unlearned digits: well below their pretrained share
+    assert m["unlearned_share"] < 0.5 * pre["unlearned_share"], (m["class_share"], pre["class_share"])
+    # the other digits keep their share, up to the mass redistributed from the unlearned ones
+    freed = pre["unlearned_share"] - m["unlearned_share"]
+    for d in range(10):
+        if d not in unl:
+            assert m["class_share"][d] >= pre["class_share"][d] - 0.05, (d, m["class_share"], pre["class_share"])
+            assert m["class_share"][d] <= pre["class_share"][d] + freed + 0.05, (d, m["class_share"])
+
+
+@pytest.mark.slow
+def test_digits_data_unlearning_forgets_the_images_and_keeps_kid(tmp_path):
+    s = _full("fu", tmp_path)
+    m, pre = s["metrics"], s["pretrained_metrics"]
+    assert m["max_sscd"] < pre["max_sscd"] - 0.05, (m["max_sscd"], pre["max_sscd"])
+    assert m["kid"] < pre["kid"] + 0.02, (m["kid"], pre["kid"])

@@ -11,6 +11,7 @@ GROUP_OPTIONS = [
     ["formulation=lu", "method=constrained"],
     ["formulation=lu", "method=baseline"],
     ["formulation=lu", "method=constrained", "formulation.gradient=reparam"],
+    ["formulation=lu", "method=constrained", "formulation.gradient=policy"],
     ["formulation=ru", "method=constrained"],
     ["formulation=ru", "method=baseline", "method.multiplier=0.3"],
     ["formulation=ru", "method=constrained", "formulation.distill_steps=2"],

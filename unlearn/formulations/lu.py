@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..estimators import log_likelihood_ratio, trajectory_kl
+from ..estimators import denoising_loss, log_likelihood_ratio, trajectory_kl
 from ..models.base import ComposedScore
 from .base import Formulation, OracleTarget
 
@@ -21,7 +21,7 @@ from .base import Formulation, OracleTarget
 class LikelihoodUnlearning(Formulation):
     name = "lu"
     sense = "le"
-    GRADIENTS = ("policy", "reparam")
+    GRADIENTS = ("policy", "reparam", "weighted")
     LIKELIHOODS = ("estimator", "exact")
 
     def __init__(self, *args, **kw):
@@ -39,6 +39,7 @@ class LikelihoodUnlearning(Formulation):
         # policy gradient: also pass the path KL through the score-function term (its dependence on
         # the visited states), not only its direct gradient as DPOK does
         self.full_kl_gradient = bool(self.cfg.get("full_kl_gradient", False))
+        self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
 
@@ -58,7 +59,7 @@ class LikelihoodUnlearning(Formulation):
         return [f"E_p[l({n})]" for n in self.setup.concept_names]
 
     # -- likelihood ----------------------------------------------------------------------------
-    def likelihood(self, x: torch.Tensor) -> torch.Tensor:
+    def likelihood(self, x: torch.Tensor, num_noise: int | None = None) -> torch.Tensor:
         """``l_i(x) = q_i(x) / p_pre(x)``, shape (N, m); differentiable in ``x`` for reparam."""
         if self.likelihood_mode == "exact":
             return torch.exp(self.setup.oracle.log_l(x)).to(x.dtype)
@@ -66,7 +67,7 @@ class LikelihoodUnlearning(Formulation):
         reference = self.setup.likelihood_reference or self.setup.pretrained
         llr = log_likelihood_ratio(x, concepts, reference,
                                    num_timesteps=int(self.cfg.likelihood_timesteps),
-                                   num_noise=int(self.cfg.likelihood_noise), generator=self.gen,
+                                   num_noise=int(num_noise or self.cfg.likelihood_noise), generator=self.gen,
                                    antithetic=bool(self.cfg.get("antithetic", True)),
                                    cond_q=self.setup.concept_conds or None, cond_p=self.setup.cond)
         # exp() of a noisy log-ratio is heavy-tailed; clipping l trades a small bias for far less variance
@@ -104,6 +105,16 @@ class LikelihoodUnlearning(Formulation):
             loss = trajectory_kl(model, self.esd_target(multipliers), self.sampler, traj, cond=cond,
                                  num_steps=self.grad_steps, generator=self.gen).mean()
             out = {"esd_kl": loss.item()}
+        elif self.gradient == "weighted":
+            x, l = self._weighted_pool()
+            m = int(self.cfg.get("weighted_batch_size", 1024))
+            idx = torch.randint(0, x.shape[0], (m,), generator=self.gen)
+            # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7)
+            logw = -(l[idx] * multipliers[None]).sum(1)
+            w = torch.softmax(logw, 0).to(x.device)
+            per = denoising_loss(model, x[idx], self.gen, cond=cond, reduce=False)
+            loss = (w * per).sum()
+            out = {"ess": (1.0 / (w**2).sum()).item() / m}
         elif self.gradient == "policy":
             traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
             with torch.no_grad():
@@ -131,6 +142,22 @@ class LikelihoodUnlearning(Formulation):
         self.optimizer_step(loss)
         out["loss"] = loss.item()
         return out
+
+    def _weighted_pool(self):
+        """``weighted_pool`` samples of the pretrained model with their estimated ``l_i`` (no grad)."""
+        if self._pool is None:
+            n, b = int(self.cfg.get("weighted_pool", 4096)), int(self.cfg.batch_size)
+            # exp(-lam l) is convex in l: noise in the estimated l weakens the weighting (Jensen), so the
+            # pool, estimated once, gets more noise draws than the per-step constraint estimates
+            draws = int(self.cfg.get("weighted_likelihood_noise", 4))
+            xs, ls = [], []
+            for k in range(0, n, b):
+                x = self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen, cond=self.setup.cond).x0
+                with torch.no_grad():
+                    ls.append(self.likelihood(x, num_noise=draws).float().cpu())
+                xs.append(x.detach())
+            self._pool = (torch.cat(xs), torch.cat(ls))
+        return self._pool
 
     def oracle_target(self, multipliers):
         if self.fixed:  # ESD target p_pre^{1+eta} q^{-eta} = RU target with mu = eta / (1 + eta)

@@ -141,7 +141,8 @@ class DiffusersScore(ScoreModel):
                 xs, ts = xin[s:s + self.max_batch], t[s:s + self.max_batch]
                 if isinstance(cond, Guidance):
                     c = cond.cond
-                    if cond.uncond is None or cond.scale == 1.0:
+                    if cond.uncond is None or cond.scale == 1.0 or (
+                            c.shape == cond.uncond.shape and torch.equal(c.to(cond.uncond.device), cond.uncond)):
                         e = self._forward(xs, ts, c)
                     else:
                         both = self._forward(torch.cat([xs, xs]), torch.cat([ts, ts]),
