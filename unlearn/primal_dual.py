@@ -131,6 +131,7 @@ class PrimalDual:
         names = self.f.constraint_names()
         self._check(0, "pretrained constraint", names, pre)
         thr = self.f.thresholds(pre)
+        self.f.prepare()  # one-off draws (e.g. LU's weighted pool), also redrawn before a resume's states load
         self.pretrained_values, self.threshold_values, self.values = pre, thr, pre
         if resume is not None:
             self.load_state_dict(resume)

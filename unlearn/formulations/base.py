@@ -131,6 +131,13 @@ class Formulation:
         return OracleTarget(self.name, [float(v) for v in multipliers])
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Draw what is computed once from ``self.gen`` before the first dual step (e.g. LU's
+        weighted pool). The driver calls it after :meth:`pretrained_values`, in a fresh and in a
+        resumed run alike and before a checkpoint's generator state is restored, so a resumed run
+        holds the same draws as an uninterrupted one. Lazily drawn state must be drawn here (or in
+        :meth:`pretrained_values`), or be part of :meth:`state_dict`."""
+
     def _trainable_named(self) -> dict:
         """The parameters the primal optimiser trains, by name (e.g. LoRA adapters only)."""
         ids = {id(p) for p in self.setup.model.trainable_parameters()}

@@ -143,6 +143,10 @@ class LikelihoodUnlearning(Formulation):
         out["loss"] = loss.item()
         return out
 
+    def prepare(self):
+        if self.gradient == "weighted" and not self.fixed:  # drawn before step 1, so a resume redraws it alike
+            self._weighted_pool()
+
     def _weighted_pool(self):
         """``weighted_pool`` samples of the pretrained model with their estimated ``l_i`` (no grad)."""
         if self._pool is None:
