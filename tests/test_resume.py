@@ -50,7 +50,7 @@ def assert_same_final_state(a, b):
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
-    steps = 24
+    steps = 40
     args = LU_CLI + [f"formulation.dual_steps={steps}", "train.checkpoint_every=1"]
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -155,7 +155,8 @@ def test_two_identical_runs_give_identical_summaries(tmp_path):
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = cfg_of(["formulation=lu", "formulation.primal_lr=1e12", "formulation.dual_steps=6",
+    # an absurd dual step size: the multiplier overflows to inf in the second dual step
+    cfg = cfg_of(["formulation=lu", "formulation.dual_lr=1e38", "formulation.dual_steps=6",
                        "train.checkpoint_every=1"])
     s = train(cfg, run_dir=tmp_path)
     assert s["status"] == "diverged"
@@ -174,7 +175,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
     # basic launcher, one process: job 0 is healthy, job 1 diverges; then a single diverging run
-    r = run_cli(["-m", "formulation.primal_lr=2e-3,1e12", "formulation.dual_steps=3", "train.checkpoint_every=1",
+    r = run_cli(["-m", "formulation.dual_lr=1.0,1e38", "formulation.dual_steps=3", "train.checkpoint_every=1",
                  "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}/sweep", *LU_CLI], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s0 = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
@@ -194,7 +195,7 @@ def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
     assert table["1"]["status"] == "diverged" and table["1"]["diverged_step"] == str(s1["diverged"]["step"])
     assert (tmp_path / "fig" / "lu.png").exists()
 
-    r = run_cli(["formulation.primal_lr=1e12", "formulation.dual_steps=3", "train.checkpoint_every=1",
+    r = run_cli(["formulation.dual_lr=1e38", "formulation.dual_steps=3", "train.checkpoint_every=1",
                  f"hydra.run.dir={tmp_path}/single", *LU_CLI], cwd=tmp_path)
     assert r.returncode == 3
     err = [l for l in r.stderr.splitlines() if l.strip()]
