@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, TINY_METRICS, compose_cfg
 
 MODELS = ("tiny_sd", "tiny_ddpm")
 
@@ -114,7 +114,7 @@ def test_local_folder_loads_and_saved_lora_loads_into_a_diffusers_pipeline(tmp_p
               "model.gradient_checkpointing=false", "model.sampler.num_steps=4", "train.final_samples=2",
               "formulation.primal_lr=1e-2", "formulation.dual_steps=2"] +
              ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.batch_size=2",
-              "formulation.likelihood_timesteps=2", "formulation.likelihood_noise=1"], run)
+              "formulation.likelihood_timesteps=2", "formulation.likelihood_noise=1", *TINY_METRICS], run)
     assert s["status"] == "completed" and s["setup"]["weights"] == str(pipe_dir)
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     g = torch.Generator().manual_seed(0)
@@ -165,7 +165,7 @@ def test_two_process_accelerate_keeps_multipliers_identical(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "model=tiny_sd",
            "formulation=lu", "logger=none", "progress=false", "num_threads=1", "formulation.dual_steps=3",
-           f"hydra.run.dir={tmp_path}"]
+           f"hydra.run.dir={tmp_path}", *TINY_METRICS]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}_multipliers.json").read_text()) for i in (0, 1)]
