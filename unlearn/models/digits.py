@@ -10,14 +10,14 @@ like the GMM's models.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ..utils import atomic_torch_save, config_hash, generator, progress
+from ..utils import atomic_torch_save, config_hash, generator
+from .training import fit_denoiser
 
 log = logging.getLogger(__name__)
 SPLITS = {"diffusion": 1000, "eval_train": 600}  # the rest (197 images) is eval_test
@@ -45,7 +45,6 @@ def _unet(arch: dict):
 
 def pretrain_digits(m, cache_dir: str | Path, show_progress: bool = True) -> tuple[torch.nn.Module, dict, bool]:
     """The class-conditional UNet (cached by everything that determines its weights)."""
-    from ..estimators import denoising_loss
     from .diffusers_models import DiffusersScore, schedule_from_scheduler_config
 
     arch = OmegaConf.to_container(m.unet, resolve=True)
@@ -64,25 +63,17 @@ def pretrain_digits(m, cache_dir: str | Path, show_progress: bool = True) -> tup
     torch.manual_seed(int(pt["seed"]))
     g = generator(int(pt["seed"]))
     net = DiffusersScore(unet, schedule_from_scheduler_config(sched), tuple(x.shape[1:]), conditioning="class")
-    opt = torch.optim.AdamW(unet.parameters(), lr=float(pt["lr"]), weight_decay=0.0)
-    steps, warm = int(pt["steps"]), max(1, int(pt["steps"]) // 20)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    ema = None
-    unet.train()
-    bar = progress(range(steps), desc="pretrain digits UNet", enabled=show_progress)
-    for _ in bar:
-        idx = torch.randint(0, len(x), (int(pt["batch_size"]),), generator=g)
+
+    def batch(g_):
+        idx = torch.randint(0, len(x), (int(pt["batch_size"]),), generator=g_)
         labels = y[idx].clone()
-        drop = torch.rand(len(idx), generator=g) < float(pt["cond_drop"])  # classifier-free guidance
+        drop = torch.rand(len(idx), generator=g_) < float(pt["cond_drop"])  # classifier-free guidance
         labels[drop] = NULL_CLASS
-        loss = denoising_loss(net, x[idx], g, cond=labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
+        return x[idx], labels
+
+    unet.train()
+    fit_denoiser(net, unet.parameters(), batch, int(pt["steps"]), float(pt["lr"]), g, "pretrain digits UNet",
+                 show_progress)
     unet.eval()
     atomic_torch_save(unet.state_dict(), path)
     return unet, sched, False

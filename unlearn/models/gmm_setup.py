@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError
 from ..schedule import build_schedule
 from ..setup import UnlearningSetup
-from ..utils import atomic_torch_save, config_hash, generator, progress
+from ..utils import atomic_torch_save, config_hash, generator
 from .gmm import GaussianMixture, GMMOracle, Grid
 from .resnet import ResNetDenoiser
+from .training import fit_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +60,8 @@ def pretrain_denoiser(sample_fn, schedule, arch: dict, dim: int, steps: int, bat
     net = ResNetDenoiser(dim, schedule, **arch)
     if net.gaussian_skip:
         net.set_gaussian_skip(sample_fn(65536, g))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    from ..estimators import denoising_loss
-
-    bar = progress(range(steps), desc=desc, enabled=show_progress)
-    ema = None
-    for _ in bar:
-        x = sample_fn(batch_size, g)
-        loss = denoising_loss(net, x, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        lv = loss.item()
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
+    fit_denoiser(net, net.parameters(), lambda g_: (sample_fn(batch_size, g_), None), steps, lr, g, desc,
+                 show_progress)
     net.eval()
     return net
 

@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError
 from ..samplers import build_sampler
 from ..setup import UnlearningSetup
-from ..utils import atomic_torch_save, config_hash, generator, progress
+from ..utils import atomic_torch_save, config_hash, generator
 from .diffusers_models import (DTYPES, ConditionedView, DiffusersScore, Guidance, add_lora,
                                schedule_from_scheduler_config)
+from .training import fit_denoiser
 from .weights import locate_weights
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ FAMILIES = ("text2img", "ddpm", "classcond")
 FINETUNES = ("lora", "full")
 
 
-def validate_image_config(m: DictConfig, cfg: DictConfig | None = None) -> None:
+def validate_image_config(m: DictConfig) -> None:
     fam = str(m.get("family"))
     if fam not in FAMILIES:
         raise ConfigError(f"model.family must be one of {list(FAMILIES)} (got {fam!r})")
@@ -204,7 +204,7 @@ class ImageFamily:
 
     def __init__(self, cfg: DictConfig, show_progress: bool = True):
         m = cfg.model
-        validate_image_config(m, cfg)
+        validate_image_config(m)
         self.cfg, self.m, self.show = cfg, m, show_progress
         self.family = str(m.family)
         self.device = _device(m)
@@ -219,9 +219,7 @@ class ImageFamily:
         cond_kind = "text" if self.family == "text2img" else ("class" if unet.config.get("num_class_embeds") else "none")
         self.lora_config = None
         if str(m.finetune) == "lora":
-            unet.to(self.device)
-            if self.dtype != torch.float32:
-                unet.to(self.dtype)
+            self.place(unet)
             lc = m.lora
             self.lora_config = add_lora(unet, lc.rank, lc.alpha, OmegaConf.to_container(lc.target_modules)
                                         if OmegaConf.is_config(lc.target_modules) else str(lc.target_modules),
@@ -243,22 +241,23 @@ class ImageFamily:
         self.adapters_off = pre_unet is None  # LoRA: the pretrained model is the base with adapters off
         self.vae = comps.get("vae")
         if self.vae is not None:
-            self.vae.to(self.device).requires_grad_(False).eval()
-            if self.dtype != torch.float32:
-                self.vae.to(self.dtype)
+            self.place(self.vae).requires_grad_(False).eval()
             self.latent_scale = float(self.vae.config.get("scaling_factor", 0.18215))
             self.image_size = size * 2 ** (len(self.vae.config.block_out_channels) - 1)
         else:
             self.image_size = size
         self.sampler = build_sampler(self.schedule, m.sampler)
 
+    def place(self, module):
+        """Onto the run's device, in ``model.precision`` (cast only when not fp32: diffusers warns on any cast)."""
+        module.to(self.device)
+        return module.to(self.dtype) if self.dtype != torch.float32 else module
+
     # -- conditioning -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tok, te = self.comps["tokenizer"], self.comps["text_encoder"]
-        te.to(self.device).requires_grad_(False).eval()
-        if self.dtype != torch.float32:
-            te.to(self.dtype)
+        self.place(te).requires_grad_(False).eval()
         ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.device)
         return te(ids)[0].to(self.dtype)
@@ -355,8 +354,6 @@ def _forget_sets(fam: ImageFamily, cfg, concept_views, gen) -> list[torch.Tensor
 
 def _finetuned_concept(fam: ImageFamily, x: torch.Tensor, idx: int, cfg) -> DiffusersScore:
     """``q_i`` of an unconditional model: a copy of the pretrained UNet fine-tuned on forget set ``i``."""
-    from ..estimators import denoising_loss
-
     c = fam.m.concepts
     key = {"source": fam.source if not fam.m.get("tiny") else OmegaConf.to_container(fam.m.tiny),
            "data": hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16], "steps": int(c.steps), "lr": float(c.lr),
@@ -375,15 +372,10 @@ def _finetuned_concept(fam: ImageFamily, x: torch.Tensor, idx: int, cfg) -> Diff
             log.warning("concept cache %s unreadable (%s); retraining", path, exc)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=float(c.lr))
-    g = generator(int(c.seed) + idx)
     unet.train()
-    for _ in progress(range(int(c.steps)), desc=f"fine-tune q_{idx} on its forget set", enabled=fam.show):
-        b = x[torch.randint(0, len(x), (int(c.batch_size),), generator=g)]
-        loss = denoising_loss(net, b, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    fit_denoiser(net, params, lambda g_: (x[torch.randint(0, len(x), (int(c.batch_size),), generator=g_)], None),
+                 int(c.steps), float(c.lr), generator(int(c.seed) + idx), f"fine-tune q_{idx} on its forget set",
+                 fam.show, weight_decay=0.01, warmup_cosine=False)  # AdamW's default weight decay, as before
     unet.eval().requires_grad_(False)
     atomic_torch_save({k: v for k, v in unet.state_dict().items() if "lora_" not in k}, path)
     return net
