@@ -91,3 +91,29 @@ def test_other_geometry_two_unlearned_components(tmp_path):
     s = train(cfg, run_dir=tmp_path)
     assert len(s["constraints"]) == 2 and len(s["multipliers"]) == 2
     assert len(s["oracle"]["multipliers"]) == 2
+
+
+def test_averaged_final_multipliers_refit_the_primal_and_reestimate(tmp_path):
+    """train.final_multipliers=average: the reported multipliers are the mean of those used in the
+    second half of the dual steps and the final ones; LU refits its primal there and re-estimates."""
+    cfg = compose_cfg(["formulation=lu", "formulation.dual_steps=4", "formulation.gradient=weighted",
+                       "formulation.weighted_pool=256", "train.final_multipliers=average",
+                       "formulation.final_primal_steps=2", "formulation.final_batch_size=300"])
+    s = train(cfg, run_dir=tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "multipliers" in r]
+    name = s["constraints"][0]["name"]
+    used = [r["multipliers"][name] for r in rows if r["step"] > 2]
+    from unlearn.checkpoint import load_checkpoint
+
+    last = float(load_checkpoint(tmp_path / "checkpoint.pt")["state"]["multipliers"]["value"][0])
+    assert s["extra"]["final_primal_steps"] == 2
+    assert s["multipliers"][0] == pytest.approx((sum(used) + last) / (len(used) + 1), rel=1e-5)
+    assert s["constraints"][0]["value"] != rows[-1]["constraints"][name]["value"]  # re-estimated
+
+
+def test_bad_final_multipliers_option_is_one_clear_line(tmp_path):
+    from unlearn.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"train.final_multipliers must be one of \['last', 'average'\]"):
+        validate_config(compose_cfg(["train.final_multipliers=mean"]))

@@ -50,6 +50,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("train.primal_steps_per_dual must be >= 0")
     if number("train.final_samples", int) < 1:
         raise ConfigError("train.final_samples must be >= 1")
+    fm = str(OmegaConf.select(cfg, "train.final_multipliers", default="last"))
+    if fm not in ("last", "average"):
+        raise ConfigError(f"train.final_multipliers must be one of ['last', 'average'] (got {fm!r})")
     for key in ("formulation.batch_size", "formulation.primal_batch_size"):
         if OmegaConf.select(cfg, key) is not None and number(key, int) < 1:
             raise ConfigError(f"{key} must be >= 1")

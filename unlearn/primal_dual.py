@@ -43,8 +43,11 @@ class PrimalDual:
 
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
                  logger=None, show_progress: bool = True, log_every: int = 1, on_step=None, checkpoint_every: int = 0,
-                 checkpoint: Callable[[int, dict], None] | None = None):
+                 checkpoint: Callable[[int, dict], None] | None = None, final_multipliers: str = "last"):
         self.f, self.mu = formulation, multipliers
+        if final_multipliers not in ("last", "average"):
+            raise ValueError(f"final_multipliers must be 'last' or 'average' (got {final_multipliers!r})")
+        self.final_multipliers = final_multipliers
         self.dual_steps, self.k = int(dual_steps), int(primal_steps_per_dual)
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
         self.checkpoint_every, self.checkpoint = max(0, int(checkpoint_every)), checkpoint
@@ -120,6 +123,19 @@ class PrimalDual:
                     raise Diverged(self.step, f"trainable weight {n}", bad)
             self.checkpoint(self.step, self.state_dict())  # the callback writes on the main rank only
 
+    def final_mu(self) -> torch.Tensor:
+        """The last multipliers, or (``final_multipliers="average"``) the mean of the multipliers over
+        the second half of the dual steps and the final ones: stochastic dual ascent on noisy
+        constraint estimates makes the last iterate a random walk around the optimum, whose
+        average converges (the formulation's ``finalize`` then refits the primal at it)."""
+        last = self.mu.value()
+        if self.final_multipliers == "last":
+            return last
+        names = self.f.constraint_names()
+        tail = [[h["multipliers"][n] for n in names] for h in self.history if h["step"] > self.dual_steps // 2]
+        rows = torch.tensor(tail + [[float(v) for v in last]], dtype=torch.float64)
+        return rows.mean(0).to(torch.as_tensor(last).dtype)
+
     def run(self, resume: dict | None = None):
         """Run (or, given a checkpoint's state, continue) the dual steps; returns
         ``(final multipliers, final constraint values, thresholds, extra)``. Raises
@@ -160,9 +176,9 @@ class PrimalDual:
         if resume is None or int(resume["step"]) < self.dual_steps:
             self._save()  # the end of the dual steps (before finalize, so a run can be extended)
         values = self.values
-        final_mu = self.mu.value()
+        final_mu = self.final_mu()
         extra = self.f.finalize(final_mu)
-        if extra:
-            values = dist.mean(self.f.estimate(final_mu))
+        if extra or self.final_multipliers == "average":  # the model changed since the last estimate
+            values = dist.mean(self.f.final_estimate(final_mu))
         self.final_values = values
         return final_mu, values, thr, extra

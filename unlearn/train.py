@@ -189,7 +189,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     t_train, timing = time.time(), {}
     driver = PrimalDual(formulation, multipliers, dual_steps, cfg.train.primal_steps_per_dual,
                         logger=logger, show_progress=show and main, log_every=int(cfg.train.get("log_every", 1)),
-                        on_step=on_step, checkpoint_every=checkpoint_every, checkpoint=checkpoint)
+                        on_step=on_step, checkpoint_every=checkpoint_every, checkpoint=checkpoint,
+                        final_multipliers=str(cfg.train.get("final_multipliers", "last")))
 
     def finish(summary: dict, status: str) -> dict:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))

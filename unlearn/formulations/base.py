@@ -115,6 +115,10 @@ class Formulation:
         """After the last dual step (e.g. RU's optional distillation)."""
         return {}
 
+    def final_estimate(self, multipliers: torch.Tensor) -> torch.Tensor:
+        """The constraint values reported for the final model (default: one more :meth:`estimate`)."""
+        return self.estimate(multipliers)
+
     def final_model(self, multipliers: torch.Tensor) -> ScoreModel:
         """The unlearned model whose samples are evaluated."""
         return self.setup.model
