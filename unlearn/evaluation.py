@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
 from .metrics import EvalContext, MetricSuite, sample_images
 from .utils import generator
 
@@ -27,6 +28,12 @@ class ImageEvaluator:
         self.missing = self.suite.check_available()  # warns once per metric; strict -> ConfigError
         self._retain = None
         self.retain_info: dict = {}
+        self.source = str(self.m.retain.get("source", "samples"))
+        if self.source not in ("samples", "data"):
+            raise ConfigError(f"metrics.retain.source must be one of ['samples', 'data'] (got {self.source!r})")
+        if self.source == "data" and setup.reference_images is None:
+            raise ConfigError(f"metrics.retain.source=data needs a model with its own data (model=digits); "
+                              f"model {cfg.model.name} accepts metrics.retain.source=samples")
 
     @property
     def active(self) -> bool:
@@ -40,6 +47,10 @@ class ImageEvaluator:
 
     def retain_images(self) -> torch.Tensor:
         """Pretrained samples without the unlearn concepts (paper E.1): score < factor * mean."""
+        if self._retain is None and self.source == "data":
+            images = self.setup.reference_images()
+            self._retain = images
+            self.retain_info = {"source": "data", "size": int(len(images))}
         if self._retain is None:
             s = self.setup
             n = int(self.m.retain.num_candidates)

@@ -46,6 +46,9 @@ class UnlearningSetup:
     # feature models the family supplies to the metric suite (kid_feature, sscd_descriptor, clip_scorer)
     metric_models: dict = field(default_factory=dict)
     prompts: list[str] | None = None  # the unlearning prompts (CLIP score), text-like families only
+    # real retain images in [0, 1] (the family's data minus forget images and unlearned classes): the
+    # KID reference with metrics.retain.source=data; None: filtered pretrained samples (paper E.1)
+    reference_images: Callable[[], torch.Tensor] | None = None
 
     @property
     def schedule(self):

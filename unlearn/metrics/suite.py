@@ -45,7 +45,7 @@ DEFAULTS: dict = {
     "num_images": 256,
     "save_images": True,
     "max_grid_images": 64,
-    "retain": {"score": "likelihood", "factor": 1.0, "num_candidates": 512},
+    "retain": {"source": "samples", "score": "likelihood", "factor": 1.0, "num_candidates": 512},
     "kid": {"enabled": "auto", "feature": "inception", "feature_dim": 2048, "inception_path": None,
             "subset_size": 1000, "num_subsets": 100, "image_size": None, "degree": 3, "coef": 1.0},
     "sscd": {"enabled": "auto", "path": None, "url": SSCD_URL, "resize": 288, "mean": list(IMAGENET_MEAN),
@@ -108,6 +108,8 @@ def validate_metrics_config(m) -> None:
     num("num_images", int, 1)
     num("max_grid_images", int, 1)
     num("retain.factor", float, 0.0)
+    if str(m.retain.get("source", "samples")) not in ("samples", "data"):
+        raise ConfigError(f"metrics.retain.source must be samples or data (got {m.retain.source!r})")
     if str(m.retain.score) not in ("likelihood", "clip"):
         raise ConfigError(f"metrics.retain.score must be likelihood or clip (got {m.retain.score!r})")
     num("kid.subset_size", int, 2)

@@ -50,7 +50,11 @@ def pretrain_digits(m, cache_dir: str | Path, show_progress: bool = True) -> tup
     arch = OmegaConf.to_container(m.unet, resolve=True)
     sched = OmegaConf.to_container(m.scheduler, resolve=True)
     pt = OmegaConf.to_container(m.pretrain, resolve=True)
+    copies = int(pt.get("forget_copies") or 0)
+    forget = [int(i) for i in (m.get("forget_indices") or [])] if copies else []
     key = {"arch": arch, "scheduler": sched, "pretrain": pt, "data": "sklearn-digits/diffusion/seed0"}
+    if forget:  # a different model: its training data hold extra copies of the forget images
+        key["duplicated"] = forget
     path = Path(str(cache_dir)) / f"digits_unet_{config_hash(key)}.pt"
     unet = _unet(arch)
     if path.exists():
@@ -60,6 +64,9 @@ def pretrain_digits(m, cache_dir: str | Path, show_progress: bool = True) -> tup
         except Exception as exc:  # a corrupt cache entry is rebuilt, not trusted
             log.warning("cache entry %s unreadable (%s); retraining", path, exc)
     x, y = load_digits_splits()["diffusion"]
+    if forget:  # duplicated training images get memorised (as in large models): FU then has something to undo
+        x = torch.cat([x, x[forget].repeat(copies, 1, 1, 1)])
+        y = torch.cat([y, y[forget].repeat(copies)])
     torch.manual_seed(int(pt["seed"]))
     g = generator(int(pt["seed"]))
     net = DiffusersScore(unet, schedule_from_scheduler_config(sched), tuple(x.shape[1:]), conditioning="class")

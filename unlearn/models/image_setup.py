@@ -418,6 +418,7 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
         likelihood_concepts = [fam.view(torch.tensor([i]), trained=False, name=n) for i, n in zip(unl, names)]
         likelihood_reference = fam.view(null, trained=False, name="unconditional")
         forget_sets = _forget_sets(fam, cfg, concepts, gen) if form == "fu" else []
+        reference_images = _real_retain_images(fam, m, [] if form == "fu" else unl)
         if form == "fu" and m.get("forget_indices"):  # data unlearning: each training image its own constraint
             names = [f"train image {i}" for i in m.forget_indices]
         prompt_rows = [(n, Guidance(torch.tensor([i]), null, g)) for i, n in zip(unl, [f"{m.class_prefix}{i}" for i in unl])]
@@ -479,12 +480,31 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
         save_unlearned(fam, Path(run_dir))
 
     return UnlearningSetup(
+        reference_images=locals().get("reference_images"),
         name=str(m.name), pretrained=pretrained, model=model, concepts=concepts, concept_names=names,
         forget_sets=forget_sets, retain_sampler=retain_sampler, oracle=None, plot=plot,
         save_samples=save_samples, info=info, likelihood_concepts=likelihood_concepts,
         likelihood_reference=likelihood_reference, save_model=save_model, to_images=fam.to_images,
         from_images=fam.from_images, prompts=list(P["unlearn"]) if fam.family != "ddpm" else None,
         metric_models=fam.metric_models(), evaluate=fam.family_metrics)
+
+
+def _real_retain_images(fam: ImageFamily, m, unlearn_classes: list[int]):
+    """The family's real training images without the forget images and the unlearned classes, as
+    ``[0, 1]`` images (KID's reference with ``metrics.retain.source=data``); None without a dataset."""
+    if m.get("dataset") != "digits":
+        return None
+
+    def images():
+        from .digits import load_digits_splits
+
+        x, y = load_digits_splits()["diffusion"]
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[list(m.get("forget_indices") or [])] = False
+        for c in unlearn_classes:
+            keep &= y != int(c)
+        return fam.to_images(x[keep])
+    return images
 
 
 def save_unlearned(fam: ImageFamily, run_dir: Path) -> list[str]:
