@@ -23,7 +23,7 @@ TINY_BY_MODEL["tiny_sd"] = TINY_BY_MODEL["tiny_ddpm"] = TINY_METRICS
 # digits: a few pretraining steps (the real pretraining is exercised by the slow tests)
 TINY_BY_MODEL["digits"] = TINY_METRICS + ["model.pretrain.steps=20", "model.eval_net.steps=20", "model.final_samples=16",
                                           "model.sampler.num_steps=5", "metrics.sscd.denoise.num_steps=3",
-                                          "metrics.sscd.seeds=[0]"]
+                                          "metrics.sscd.seeds=[0]", "metrics.retain.source=data"]
 TINY = TINY_COMMON + TINY_BY_MODEL["gmm"]  # the default model's tiny overrides (subprocess tests use these)
 IMAGE_MODELS = ("tiny_sd", "tiny_ddpm")
 TINY_BY_FORMULATION = {
@@ -38,7 +38,8 @@ TINY_BY_FORMULATION = {
 # image doubles: a handful of samples per estimate (the tiny UNets run in milliseconds per batch)
 TINY_BY_FORMULATION_IMAGE = {
     "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.batch_size=4",
-           "formulation.likelihood_timesteps=2", "formulation.grad_timesteps=2"],
+           "formulation.likelihood_timesteps=2", "formulation.grad_timesteps=2",
+           "formulation.weighted_pool=8", "formulation.weighted_batch_size=4", "formulation.weighted_likelihood_noise=1"],
     "ru": ["formulation.batch_size=4", "formulation.pool_size=8", "formulation.likelihood_timesteps=2"],
     "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.forget_batch_size=2",
            "formulation.eval_draws=2", "formulation.retain_pool=4"],

@@ -88,3 +88,47 @@ def test_digits_data_unlearning_forgets_the_images_and_keeps_kid(tmp_path):
     m, pre = s["metrics"], s["pretrained_metrics"]
     assert m["max_sscd"] < pre["max_sscd"] - 0.05, (m["max_sscd"], pre["max_sscd"])
     assert m["kid"] < pre["kid"] + 0.02, (m["kid"], pre["kid"])
+
+
+def test_tuning_files_override_the_metric_defaults():
+    """configs/tuning/* come after metrics/default and train.yaml in the defaults list: the digits
+    metric settings (8x8 descriptors, small KID subsets) reach the run, command-line overrides still win."""
+    cfg = compose_cfg(["model=digits", "formulation=fu"], tiny=False)
+    assert cfg.metrics.kid.subset_size == 128 and list(cfg.metrics.sscd.resize) == [8, 8]
+    assert cfg.metrics.retain.source == "data" and cfg.model.pretrain.forget_copies == 25
+    cfg = compose_cfg(["model=digits", "formulation=fu", "metrics.kid.subset_size=64"], tiny=False)
+    assert cfg.metrics.kid.subset_size == 64
+
+
+def test_kid_reference_can_be_the_real_retain_digits(tmp_path):
+    from unlearn.train import train
+
+    s = train(compose_cfg(["model=digits", "formulation=lu", "num_threads=1", "metrics.retain.source=data"]), tmp_path)
+    info = s["retain_set"]
+    from unlearn.models.digits import load_digits_splits
+
+    x, y = load_digits_splits()["diffusion"]
+    assert info == {"source": "data", "size": int((y != 7).sum())}  # the 7s are left out: they are unlearned
+    assert s["metric_status"]["kid"] == "ok"
+
+
+def test_real_retain_digits_need_a_model_with_data(tmp_path):
+    from unlearn.config import ConfigError
+    from unlearn.train import train
+
+    with pytest.raises(ConfigError, match=r"metrics.retain.source=data needs a model with its own data"):
+        train(compose_cfg(["model=tiny_ddpm", "formulation=fu", "num_threads=1", "metrics.retain.source=data"]),
+              tmp_path)
+    with pytest.raises(ConfigError, match=r"metrics.retain.source must be samples or data"):
+        train(compose_cfg(["model=digits", "formulation=lu", "metrics.retain.source=real"]), tmp_path)
+
+
+def test_duplicated_forget_images_make_a_different_cached_model(tmp_path):
+    from unlearn.models.digits import pretrain_digits
+
+    base = compose_cfg(["model=digits", "formulation=fu", "model.pretrain.steps=2", "model.pretrain.forget_copies=0"],
+                       tiny=False).model
+    dup = compose_cfg(["model=digits", "formulation=fu", "model.pretrain.steps=2"], tiny=False).model
+    pretrain_digits(base, tmp_path, show_progress=False)
+    pretrain_digits(dup, tmp_path, show_progress=False)
+    assert len(list(tmp_path.glob("digits_unet_*.pt"))) == 2
