@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY, TINY_BY_FORMULATION
 
 
@@ -51,6 +53,7 @@ def _tiny_sweep(tmp_path, launcher_args):
     return sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json"))
 
 
+@pytest.mark.slow  # about 12 s; the joblib launcher test covers launcher plugins in the default suite
 def test_submitit_local_launcher_runs_the_sweep(tmp_path):
     assert _tiny_sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]) == ["0", "1"]
 

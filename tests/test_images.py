@@ -160,6 +160,7 @@ def test_ddpm_lora_saves_and_loads(tmp_path):
     assert isinstance(unet, UNet2DModel) and (after - before).abs().max() > 1e-6
 
 
+@pytest.mark.slow  # about 20 s (two processes)
 def test_two_process_accelerate_keeps_multipliers_identical(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
