@@ -28,9 +28,7 @@ class ImageEvaluator:
         self.missing = self.suite.check_available()  # warns once per metric; strict -> ConfigError
         self._retain = None
         self.retain_info: dict = {}
-        self.source = str(self.m.retain.get("source", "samples"))
-        if self.source not in ("samples", "data"):
-            raise ConfigError(f"metrics.retain.source must be one of ['samples', 'data'] (got {self.source!r})")
+        self.source = str(self.m.retain.get("source", "samples"))  # its values are checked with the metrics config
         if self.source == "data" and setup.reference_images is None:
             raise ConfigError(f"metrics.retain.source=data needs a model with its own data (model=digits); "
                               f"model {cfg.model.name} accepts metrics.retain.source=samples")
@@ -46,11 +44,11 @@ class ImageEvaluator:
         return int(self.m.batch_size)
 
     def retain_images(self) -> torch.Tensor:
-        """Pretrained samples without the unlearn concepts (paper E.1): score < factor * mean."""
+        """KID's reference: pretrained samples without the unlearn concepts (paper E.1: score <
+        factor * mean), or with ``metrics.retain.source=data`` the family's real retain images."""
         if self._retain is None and self.source == "data":
-            images = self.setup.reference_images()
-            self._retain = images
-            self.retain_info = {"source": "data", "size": int(len(images))}
+            self._retain = self.setup.reference_images()
+            self.retain_info = {"source": "data", "size": int(len(self._retain))}
         if self._retain is None:
             s = self.setup
             n = int(self.m.retain.num_candidates)

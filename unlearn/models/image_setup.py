@@ -390,6 +390,7 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
             "device": str(fam.device), "trainable_parameters": sum(p.numel() for p in fam.base.parameters()
                                                                    if p.requires_grad)}
     likelihood_concepts, likelihood_reference = None, None
+    reference_images = None  # real retain images for KID (metrics.retain.source=data): families with their own data
     if fam.family == "text2img":
         P = OmegaConf.to_container(m.prompts, resolve=True)
         e_ret, e_null = fam.encode_prompts(P["retain"]), fam.encode_prompts([""])
@@ -437,9 +438,7 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
     retain_sampler = None
     data = fam.dataset()
     if data is not None and str(cfg.formulation.get("retain", "auto")) in ("data", "auto"):
-        keep = torch.ones(len(data), dtype=torch.bool)
-        keep[list(m.get("forget_indices") or [])] = False  # the retain data never contain the forget images
-        retain_x = data[keep]
+        retain_x = data[_not_forgotten(len(data), m)]  # the retain data never contain the forget images
 
         def retain_sampler(n, g):
             return retain_x[torch.randint(0, len(retain_x), (n,), generator=g)]
@@ -480,13 +479,20 @@ def build_image_setup(cfg: DictConfig, show_progress: bool = True) -> Unlearning
         save_unlearned(fam, Path(run_dir))
 
     return UnlearningSetup(
-        reference_images=locals().get("reference_images"),
+        reference_images=reference_images,
         name=str(m.name), pretrained=pretrained, model=model, concepts=concepts, concept_names=names,
         forget_sets=forget_sets, retain_sampler=retain_sampler, oracle=None, plot=plot,
         save_samples=save_samples, info=info, likelihood_concepts=likelihood_concepts,
         likelihood_reference=likelihood_reference, save_model=save_model, to_images=fam.to_images,
         from_images=fam.from_images, prompts=list(P["unlearn"]) if fam.family != "ddpm" else None,
         metric_models=fam.metric_models(), evaluate=fam.family_metrics)
+
+
+def _not_forgotten(n: int, m) -> torch.Tensor:
+    """Mask over the family's ``n`` training images: False at ``model.forget_indices``."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[list(m.get("forget_indices") or [])] = False
+    return keep
 
 
 def _real_retain_images(fam: ImageFamily, m, unlearn_classes: list[int]):
@@ -499,8 +505,7 @@ def _real_retain_images(fam: ImageFamily, m, unlearn_classes: list[int]):
         from .digits import load_digits_splits
 
         x, y = load_digits_splits()["diffusion"]
-        keep = torch.ones(len(x), dtype=torch.bool)
-        keep[list(m.get("forget_indices") or [])] = False
+        keep = _not_forgotten(len(x), m)
         for c in unlearn_classes:
             keep &= y != int(c)
         return fam.to_images(x[keep])
