@@ -193,9 +193,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                         final_multipliers=str(cfg.train.get("final_multipliers", "last")))
 
     def finish(summary: dict, status: str) -> dict:
+        # wall_time_s (all sessions of the run together, as in run_info.json) is the one field of
+        # summary.json that differs between two identical runs
+        wall = round(time.time() - t_start, 2)
+        earlier = sum(float(x.get("wall_time_s") or 0.0) for x in run_info["sessions"][:-1])
+        summary["wall_time_s"] = round(earlier + wall, 2)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
         run_info["status"] = status
-        run_info["sessions"][-1].update(wall_time_s=round(time.time() - t_start, 2),
+        run_info["sessions"][-1].update(wall_time_s=wall,
                                         train_time_s=round(timing.get("train", time.time() - t_train), 2))
         atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
         logger.finish(summary)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..estimators import denoising_loss, log_likelihood_ratio, trajectory_kl
+from ..estimators import denoising_loss, log_likelihood_ratio, timestep_proposal, trajectory_kl
 from ..models.base import ComposedScore
 from .base import Formulation, OracleTarget
 
@@ -40,6 +40,7 @@ class LikelihoodUnlearning(Formulation):
         # the visited states), not only its direct gradient as DPOK does
         self.full_kl_gradient = bool(self.cfg.get("full_kl_gradient", False))
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
+        self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
 
@@ -54,6 +55,11 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
         if str(f.likelihood) not in cls.LIKELIHOODS:
             raise ConfigError(f"formulation.likelihood must be one of {list(cls.LIKELIHOODS)} (got {f.likelihood!r})")
+        if int(f.get("likelihood_pilot") or 0) < 0:
+            raise ConfigError(f"formulation.likelihood_pilot must be >= 0 samples (0: uniform timesteps; got {f.likelihood_pilot})")
+        floor = float(f.get("likelihood_proposal_floor", 0.1))
+        if not 0.0 < floor <= 1.0:
+            raise ConfigError(f"formulation.likelihood_proposal_floor must be in (0, 1] (got {floor})")
 
     def constraint_names(self):
         return [f"E_p[l({n})]" for n in self.setup.concept_names]
@@ -69,10 +75,30 @@ class LikelihoodUnlearning(Formulation):
                                    num_timesteps=int(self.cfg.likelihood_timesteps),
                                    num_noise=int(num_noise or self.cfg.likelihood_noise), generator=self.gen,
                                    antithetic=bool(self.cfg.get("antithetic", True)),
-                                   cond_q=self.setup.concept_conds or None, cond_p=self.setup.cond)
+                                   cond_q=self.setup.concept_conds or None, cond_p=self.setup.cond,
+                                   proposal=self.timestep_proposal())
         # exp() of a noisy log-ratio is heavy-tailed; clipping l trades a small bias for far less variance
         clip = self.cfg.get("likelihood_clip")
         return torch.exp(llr).clamp(max=float(clip)) if clip else torch.exp(llr)
+
+    def timestep_proposal(self):
+        """The estimator's timestep proposal (:func:`~unlearn.estimators.timestep_proposal`), fitted
+        once on ``likelihood_pilot`` samples of each concept model; ``None`` (uniform over log-SNR)
+        with ``likelihood_pilot: 0``. Drawn on the first likelihood estimate, i.e. in
+        :meth:`pretrained_values`, so a resumed run fits the same proposal."""
+        n = int(self.cfg.get("likelihood_pilot") or 0)
+        if n <= 0 or self.likelihood_mode == "exact":
+            return None
+        if self._proposal is None:
+            concepts = list(self.setup.likelihood_concepts or self.setup.concepts)
+            reference = self.setup.likelihood_reference or self.setup.pretrained
+            conds = list(self.setup.concept_conds) if self.setup.concept_conds else [None] * len(concepts)
+            with torch.no_grad():
+                pilot = [self.sampler.sample(q, n, self.gen, cond=c).x0 for q, c in zip(concepts, conds)]
+            self._proposal = timestep_proposal(pilot, concepts, reference, generator=self.gen,
+                                               floor=float(self.cfg.get("likelihood_proposal_floor", 0.1)),
+                                               cond_q=conds, cond_p=self.setup.cond)
+        return self._proposal
 
     def _expected_likelihood(self, model, n: int | None = None) -> torch.Tensor:
         n, b = int(n or self.cfg.batch_size), int(self.cfg.batch_size)
