@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import compose_cfg
 from unlearn.train import train
@@ -112,8 +113,49 @@ def test_averaged_final_multipliers_refit_the_primal_and_reestimate(tmp_path):
     assert s["constraints"][0]["value"] != rows[-1]["constraints"][name]["value"]  # re-estimated
 
 
+def test_averaged_primal_iterates_are_the_final_model(tmp_path):
+    """train.final_primal=average: the final weights are the mean of the weights after the primal
+    steps of each dual step in the second half (the checkpoint holds the running mean); the last
+    iterate stays in the checkpoint."""
+    cfg = compose_cfg(["formulation=lu", "formulation.dual_steps=4", "formulation.gradient=weighted",
+                       "formulation.weighted_pool=256", "train.final_primal=average"])
+    s = train(cfg, run_dir=tmp_path)
+    from unlearn.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "checkpoint.pt")["state"]
+    avg, last = state["primal_average"], state["formulation"]["trainable"]
+    assert s["extra"]["primal_average_of"] == avg["count"] == 2  # dual steps 3 and 4
+    final = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+    diff = [k for k in avg["weights"] if not torch.equal(avg["weights"][k].float(), last[k].float())]
+    assert diff  # the average is not the last iterate
+    for k, v in avg["weights"].items():
+        assert torch.allclose(final[k].double(), v, atol=1e-6), k
+
+
+def test_primal_average_is_the_running_mean():
+    from unlearn.primal_dual import PrimalDual
+
+    p = torch.nn.Parameter(torch.zeros(3))
+
+    class F:
+        has_primal = True
+
+        def _trainable_named(self):
+            return {"w": p}
+
+    pd = PrimalDual(F(), None, 4, 1, final_primal="average")
+    for v in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            p.fill_(v)
+        pd._accumulate_primal()
+    assert pd._load_primal_average() == 3
+    assert torch.allclose(p, torch.full((3,), 3.0))
+
+
 def test_bad_final_multipliers_option_is_one_clear_line(tmp_path):
     from unlearn.config import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match=r"train.final_multipliers must be one of \['last', 'average'\]"):
         validate_config(compose_cfg(["train.final_multipliers=mean"]))
+    with pytest.raises(ConfigError, match=r"train.final_primal must be one of \['last', 'average'\]"):
+        validate_config(compose_cfg(["train.final_primal=ema"]))

@@ -53,6 +53,9 @@ def validate_config(cfg: DictConfig) -> None:
     fm = str(OmegaConf.select(cfg, "train.final_multipliers", default="last"))
     if fm not in ("last", "average"):
         raise ConfigError(f"train.final_multipliers must be one of ['last', 'average'] (got {fm!r})")
+    fp = str(OmegaConf.select(cfg, "train.final_primal", default="last"))
+    if fp not in ("last", "average"):
+        raise ConfigError(f"train.final_primal must be one of ['last', 'average'] (got {fp!r})")
     for key in ("formulation.batch_size", "formulation.primal_batch_size"):
         if OmegaConf.select(cfg, key) is not None and number(key, int) < 1:
             raise ConfigError(f"{key} must be >= 1")

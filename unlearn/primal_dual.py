@@ -43,11 +43,18 @@ class PrimalDual:
 
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
                  logger=None, show_progress: bool = True, log_every: int = 1, on_step=None, checkpoint_every: int = 0,
-                 checkpoint: Callable[[int, dict], None] | None = None, final_multipliers: str = "last"):
+                 checkpoint: Callable[[int, dict], None] | None = None, final_multipliers: str = "last",
+                 final_primal: str = "last"):
         self.f, self.mu = formulation, multipliers
         if final_multipliers not in ("last", "average"):
             raise ValueError(f"final_multipliers must be 'last' or 'average' (got {final_multipliers!r})")
-        self.final_multipliers = final_multipliers
+        if final_primal not in ("last", "average"):
+            raise ValueError(f"final_primal must be 'last' or 'average' (got {final_primal!r})")
+        self.final_multipliers, self.final_primal = final_multipliers, final_primal
+        # final_primal=average: running mean of the trainable weights after the primal steps of each
+        # dual step in the second half (the primal counterpart of the averaged multipliers)
+        self.primal_average: dict | None = None
+        self.primal_average_count = 0
         self.dual_steps, self.k = int(dual_steps), int(primal_steps_per_dual)
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
         self.checkpoint_every, self.checkpoint = max(0, int(checkpoint_every)), checkpoint
@@ -63,6 +70,9 @@ class PrimalDual:
                  "pretrained_values": self.pretrained_values.clone(), "thresholds": self.threshold_values.clone(),
                  "values": torch.as_tensor(self.values).clone(),
                  "formulation": self.f.state_dict(), "multipliers": self.mu.state_dict(), "rng": rng_state()}
+        if self.primal_average is not None:
+            state["primal_average"] = {"count": self.primal_average_count,
+                                       "weights": {k: v.clone() for k, v in self.primal_average.items()}}
         dist = get_dist()
         state["world_size"] = dist.world_size
         if dist.world_size > 1:  # each rank draws its own batches
@@ -75,6 +85,9 @@ class PrimalDual:
         self.values = state["values"]
         self.f.load_state_dict(state["formulation"])
         self.mu.load_state_dict(state["multipliers"])
+        avg = state.get("primal_average")
+        self.primal_average = {k: v.clone() for k, v in avg["weights"].items()} if avg else None
+        self.primal_average_count = int(avg["count"]) if avg else 0
         rng = state["rng"]
         if "ranks" in state:
             own = state["ranks"][get_dist().rank]
@@ -123,6 +136,28 @@ class PrimalDual:
                     raise Diverged(self.step, f"trainable weight {n}", bad)
             self.checkpoint(self.step, self.state_dict())  # the callback writes on the main rank only
 
+    def _accumulate_primal(self) -> None:
+        w = {n: p.detach().to(torch.float64).cpu() for n, p in self.f._trainable_named().items()}
+        self.primal_average_count += 1
+        if self.primal_average is None:
+            self.primal_average = {n: v.clone() for n, v in w.items()}
+        else:
+            c = self.primal_average_count
+            for n, v in w.items():
+                self.primal_average[n] += (v - self.primal_average[n]) / c
+
+    def _load_primal_average(self) -> int:
+        """``final_primal="average"``: put the mean of the trainable weights over the second half of
+        the dual steps into the model (stochastic primal steps leave the last iterate scattered around
+        the Lagrangian minimiser; averaged primal and dual iterates are what primal-dual theory bounds).
+        Returns how many iterates were averaged (0: nothing changed)."""
+        if self.final_primal != "average" or self.primal_average is None:
+            return 0
+        with torch.no_grad():
+            for n, p in self.f._trainable_named().items():
+                p.copy_(self.primal_average[n].to(p.dtype))
+        return self.primal_average_count
+
     def final_mu(self) -> torch.Tensor:
         """The last multipliers, or (``final_multipliers="average"``) the mean of the multipliers over
         the second half of the dual steps and the final ones: stochastic dual ascent on noisy
@@ -162,6 +197,8 @@ class PrimalDual:
                 for _ in range(self.k):
                     losses = self.f.primal_step(mu)
                     self._check_losses(step, losses)
+            if self.final_primal == "average" and self.f.has_primal and step > self.dual_steps // 2:
+                self._accumulate_primal()
             values = dist.mean(self.f.estimate(mu))
             self._check(step, "constraint", names, values)
             self.mu.update(self.f.violation(values, thr))
@@ -177,7 +214,10 @@ class PrimalDual:
             self._save()  # the end of the dual steps (before finalize, so a run can be extended)
         values = self.values
         final_mu = self.final_mu()
+        averaged = self._load_primal_average()
         extra = self.f.finalize(final_mu)
+        if averaged:
+            extra = {**extra, "primal_average_of": averaged}
         if extra or self.final_multipliers == "average":  # the model changed since the last estimate
             values = dist.mean(self.f.final_estimate(final_mu))
         self.final_values = values

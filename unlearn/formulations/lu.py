@@ -40,6 +40,7 @@ class LikelihoodUnlearning(Formulation):
         # the visited states), not only its direct gradient as DPOK does
         self.full_kl_gradient = bool(self.cfg.get("full_kl_gradient", False))
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
+        self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
@@ -195,20 +196,45 @@ class LikelihoodUnlearning(Formulation):
             self._weighted_pool()
 
     def _weighted_pool(self):
-        """``weighted_pool`` samples of the pretrained model with their estimated ``l_i`` (no grad)."""
+        """``weighted_pool`` samples of the pretrained model with their estimated ``l_i`` (no grad).
+
+        ``exp(-lam l)`` is convex in ``l``: noise in the estimated ``l`` weakens the weighting (Jensen)
+        and raises the multipliers. Only samples with a sizeable ``l`` matter there, so each sample's
+        ``l`` is first screened with ``likelihood_noise`` draws per stratum and, where some ``l_i``
+        exceeds ``weighted_refine_above``, estimated again, independently of the screen (no
+        selection bias), with ``weighted_likelihood_noise`` draws. ``weighted_refine_above: null``
+        gives every sample ``weighted_likelihood_noise`` draws."""
         if self._pool is None:
             n, b = int(self.cfg.get("weighted_pool", 4096)), int(self.cfg.batch_size)
-            # exp(-lam l) is convex in l: noise in the estimated l weakens the weighting (Jensen), so the
-            # pool, estimated once, gets more noise draws than the per-step constraint estimates
             draws = int(self.cfg.get("weighted_likelihood_noise", 4))
-            xs, ls = [], []
+            above = self.cfg.get("weighted_refine_above")
+            xs = []
             for k in range(0, n, b):
-                x = self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen, cond=self.setup.cond).x0
+                xs.append(self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen,
+                                              cond=self.setup.cond).x0.detach())
+            x = torch.cat(xs)
+
+            def estimate(pts, noise):
                 with torch.no_grad():
-                    ls.append(self.likelihood(x, num_noise=draws).float().cpu())
-                xs.append(x.detach())
-            self._pool = (torch.cat(xs), torch.cat(ls))
+                    return torch.cat([self.likelihood(pts[k:k + b], num_noise=noise).float().cpu()
+                                      for k in range(0, len(pts), b)])
+
+            if above is None:
+                l = estimate(x, draws)
+                self.pool_refined = n
+            else:
+                l = estimate(x, int(self.cfg.likelihood_noise))
+                sel = (l > float(above)).any(1).nonzero().flatten()
+                if len(sel):
+                    l[sel] = estimate(x[sel.to(x.device)], draws)
+                self.pool_refined = int(len(sel))
+            self._pool = (x, l)
         return self._pool
+
+    def diagnostics(self, multipliers) -> dict:
+        if self._pool is None:
+            return {}
+        return {"weighted_pool": int(self._pool[0].shape[0]), "weighted_pool_refined": self.pool_refined}
 
     def oracle_target(self, multipliers):
         if self.fixed:  # ESD target p_pre^{1+eta} q^{-eta} = RU target with mu = eta / (1 + eta)
