@@ -29,7 +29,8 @@ IMAGE_MODELS = ("tiny_sd", "tiny_ddpm")
 TINY_BY_FORMULATION = {
     "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=16", "formulation.batch_size=32",
            "formulation.likelihood_timesteps=4", "formulation.grad_timesteps=5",
-           "formulation.weighted_pool=128", "formulation.weighted_batch_size=64"],
+           "formulation.weighted_pool=128", "formulation.weighted_batch_size=64", "formulation.final_batch_size=32",
+           "formulation.likelihood_pilot=8"],
     "ru": ["formulation.batch_size=64", "formulation.pool_size=256", "formulation.likelihood_timesteps=8"],
     "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=64", "formulation.forget_samples=32",
            "formulation.forget_batch_size=16", "formulation.eval_draws=2", "formulation.retain_pool=64"],
@@ -39,7 +40,8 @@ TINY_BY_FORMULATION = {
 TINY_BY_FORMULATION_IMAGE = {
     "lu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.batch_size=4",
            "formulation.likelihood_timesteps=2", "formulation.grad_timesteps=2",
-           "formulation.weighted_pool=8", "formulation.weighted_batch_size=4", "formulation.weighted_likelihood_noise=1"],
+           "formulation.weighted_pool=8", "formulation.weighted_batch_size=4", "formulation.weighted_likelihood_noise=1",
+           "formulation.final_batch_size=4", "formulation.likelihood_pilot=2"],
     "ru": ["formulation.batch_size=4", "formulation.pool_size=8", "formulation.likelihood_timesteps=2"],
     "fu": ["formulation.primal_steps_per_dual=1", "formulation.primal_batch_size=2", "formulation.forget_batch_size=2",
            "formulation.eval_draws=2", "formulation.retain_pool=4"],
