@@ -184,8 +184,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
     # basic launcher, one process: job 0 is healthy, job 1 diverges; then a single diverging run
-    r = run_cli(["-m", "formulation.dual_lr=1.0,1e38", "formulation.dual_steps=3", "train.checkpoint_every=1",
-                 "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}/sweep", *LU_CLI], cwd=tmp_path)
+    # (dual_steps after the tiny overrides, which set 2: 1e38 times a violation near 1.6 overflows in the third update)
+    r = run_cli(["-m", *LU_CLI, "formulation.dual_lr=1.0,1e38", "formulation.dual_steps=4", "train.checkpoint_every=1",
+                 "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s0 = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
     s1 = json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())
@@ -204,8 +205,8 @@ def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
     assert table["1"]["status"] == "diverged" and table["1"]["diverged_step"] == str(s1["diverged"]["step"])
     assert (tmp_path / "fig" / "lu.png").exists()
 
-    r = run_cli(["formulation.dual_lr=1e38", "formulation.dual_steps=3", "train.checkpoint_every=1",
-                 f"hydra.run.dir={tmp_path}/single", *LU_CLI], cwd=tmp_path)
+    r = run_cli([*LU_CLI, "formulation.dual_lr=1e38", "formulation.dual_steps=4", "train.checkpoint_every=1",
+                 f"hydra.run.dir={tmp_path}/single"], cwd=tmp_path)
     assert r.returncode == 3
     err = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(err) == 1 and "diverged at dual step" in err[0] and "Traceback" not in r.stderr, r.stderr

@@ -55,6 +55,7 @@ class PrimalDual:
         # dual step in the second half (the primal counterpart of the averaged multipliers)
         self.primal_average: dict | None = None
         self.primal_average_count = 0
+        self.primal_average_start = 0  # the first dual step in the average
         self.dual_steps, self.k = int(dual_steps), int(primal_steps_per_dual)
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
         self.checkpoint_every, self.checkpoint = max(0, int(checkpoint_every)), checkpoint
@@ -71,7 +72,7 @@ class PrimalDual:
                  "values": torch.as_tensor(self.values).clone(),
                  "formulation": self.f.state_dict(), "multipliers": self.mu.state_dict(), "rng": rng_state()}
         if self.primal_average is not None:
-            state["primal_average"] = {"count": self.primal_average_count,
+            state["primal_average"] = {"count": self.primal_average_count, "start": self.primal_average_start,
                                        "weights": {k: v.clone() for k, v in self.primal_average.items()}}
         dist = get_dist()
         state["world_size"] = dist.world_size
@@ -88,6 +89,11 @@ class PrimalDual:
         avg = state.get("primal_average")
         self.primal_average = {k: v.clone() for k, v in avg["weights"].items()} if avg else None
         self.primal_average_count = int(avg["count"]) if avg else 0
+        self.primal_average_start = int(avg.get("start", 0)) if avg else 0
+        if avg and self.primal_average_start < self.dual_steps // 2 + 1:
+            # an extended run (more dual steps): its second half starts later. Exact when the
+            # checkpoint is still before the new start; otherwise the average restarts here
+            self.primal_average, self.primal_average_count, self.primal_average_start = None, 0, 0
         rng = state["rng"]
         if "ranks" in state:
             own = state["ranks"][get_dist().rank]
@@ -141,6 +147,7 @@ class PrimalDual:
         self.primal_average_count += 1
         if self.primal_average is None:
             self.primal_average = {n: v.clone() for n, v in w.items()}
+            self.primal_average_start = self.step + 1
         else:
             c = self.primal_average_count
             for n, v in w.items():
