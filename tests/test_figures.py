@@ -21,6 +21,7 @@ def test_figure1_from_the_oracle(tmp_path):
     assert by["ru"]["kl_to_retained"] > by["lu"]["kl_to_retained"] + 0.05
 
 
+@pytest.mark.slow  # about 14 s; a sweep with a diverging job (tests/test_resume.py) keeps the sweep-goes-on check in the default suite
 def test_sweep_with_a_failing_job_completes_and_figure_marks_it(tmp_path):
     tiny = [o for o in TINY if not o.startswith("logger")] + TINY_BY_FORMULATION["ru"]
     args = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=ru_tradeoff", "experiment.strength=0,1",
