@@ -117,8 +117,9 @@ def timestep_proposal(samples: Sequence[torch.Tensor], model_q: Sequence[ScoreMo
         n = x.shape[0]
         if n == 0:
             continue
-        for b0 in range(0, bins, max(1, mb // max(2 * draws * n, 1))):
-            tb = mid[b0:b0 + max(1, mb // max(2 * draws * n, 1))]
+        per_chunk = max(1, mb // (2 * draws * n))  # bins per batch of the models
+        for b0 in range(0, bins, per_chunk):
+            tb = mid[b0:b0 + per_chunk]
             k = len(tb) * draws
             e = torch.randn((k, *x.shape), generator=generator, dtype=x.dtype).to(x.device)
             e = torch.cat([e, -e])

@@ -70,17 +70,23 @@ class LikelihoodUnlearning(Formulation):
         """``l_i(x) = q_i(x) / p_pre(x)``, shape (N, m); differentiable in ``x`` for reparam."""
         if self.likelihood_mode == "exact":
             return torch.exp(self.setup.oracle.log_l(x)).to(x.dtype)
-        concepts = self.setup.likelihood_concepts or self.setup.concepts
-        reference = self.setup.likelihood_reference or self.setup.pretrained
+        concepts, reference, conds = self._ratio_models()
         llr = log_likelihood_ratio(x, concepts, reference,
                                    num_timesteps=int(self.cfg.likelihood_timesteps),
                                    num_noise=int(num_noise or self.cfg.likelihood_noise), generator=self.gen,
                                    antithetic=bool(self.cfg.get("antithetic", True)),
-                                   cond_q=self.setup.concept_conds or None, cond_p=self.setup.cond,
+                                   cond_q=conds, cond_p=self.setup.cond,
                                    proposal=self.timestep_proposal())
         # exp() of a noisy log-ratio is heavy-tailed; clipping l trades a small bias for far less variance
         clip = self.cfg.get("likelihood_clip")
         return torch.exp(llr).clamp(max=float(clip)) if clip else torch.exp(llr)
+
+    def _ratio_models(self):
+        """The models of ``l_i = q_i / p``: the concepts (or the family's likelihood concepts), the
+        reference (default the pretrained model) and the concepts' conditioning (None: none)."""
+        concepts = list(self.setup.likelihood_concepts or self.setup.concepts)
+        reference = self.setup.likelihood_reference or self.setup.pretrained
+        return concepts, reference, (list(self.setup.concept_conds) if self.setup.concept_conds else None)
 
     def timestep_proposal(self):
         """The estimator's timestep proposal (:func:`~unlearn.estimators.timestep_proposal`), fitted
@@ -91,11 +97,10 @@ class LikelihoodUnlearning(Formulation):
         if n <= 0 or self.likelihood_mode == "exact":
             return None
         if self._proposal is None:
-            concepts = list(self.setup.likelihood_concepts or self.setup.concepts)
-            reference = self.setup.likelihood_reference or self.setup.pretrained
-            conds = list(self.setup.concept_conds) if self.setup.concept_conds else [None] * len(concepts)
+            concepts, reference, conds = self._ratio_models()
             with torch.no_grad():
-                pilot = [self.sampler.sample(q, n, self.gen, cond=c).x0 for q, c in zip(concepts, conds)]
+                pilot = [self.sampler.sample(q, n, self.gen, cond=c).x0
+                         for q, c in zip(concepts, conds or [None] * len(concepts))]
             self._proposal = timestep_proposal(pilot, concepts, reference, generator=self.gen,
                                                floor=float(self.cfg.get("likelihood_proposal_floor", 0.1)),
                                                cond_q=conds, cond_p=self.setup.cond)
