@@ -140,3 +140,43 @@ def test_log_snr_weights_integrate_the_log_snr_range():
     g = SCHED.log_snr
     total = float((g[0] - g[-1]) / 2 + (g[0] - g[1]) / 2)
     assert abs(float(w.sum()) - total) < 1e-9
+
+
+@pytest.mark.parametrize("layout", ["blocks", "uneven", "per_row", "single"])
+def test_resnet_fast_inference_path_matches_the_autograd_path(layout):
+    """Without autograd the ResNet denoiser embeds each run of equal timesteps once, adds and
+    activates in place and works in ``row_chunk``-row chunks: same numbers as the autograd path
+    (which the training steps use), and that path's gradients are those of the plain formula."""
+    from unlearn.models.resnet import ResNetDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    model = ResNetDenoiser(2, NoiseSchedule.linear(), gaussian_skip=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.row_chunk = 48  # several chunks, runs of t cut by chunk borders
+    n = 200
+    x = torch.randn(n, 2, generator=g)
+    t = {"blocks": torch.arange(8).repeat_interleave(25) * 100,
+         "uneven": torch.tensor([3] * 7 + [500] * 150 + [999] * 43),
+         "per_row": torch.randint(0, 1000, (n,), generator=g),
+         "single": torch.tensor(250)}[layout]
+    with torch.no_grad():
+        fast = model.eps(x, t)
+    xg = x.clone().requires_grad_(True)
+    slow = model.eps(xg, t)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5)
+    # the plain formula, block by block, per row
+    tt = model._timesteps(t, x)
+    emb = model.time_embed(tt)
+    h = model.inp(xg)
+    for blk in model.blocks:
+        h = h + blk.fc2(blk.act(blk.fc1(blk.norm(h)) + blk.emb(emb)))
+    a = model.schedule.abar_at(tt, x)
+    ref = model.out(h) + (1 - a).sqrt() * (xg - a.sqrt() * model.skip_mean) / (a * model.skip_var + 1 - a)
+    assert torch.allclose(slow, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(n, 2, generator=g)
+    g1 = torch.autograd.grad((slow * w).sum(), [xg, *model.parameters()], retain_graph=True)
+    g2 = torch.autograd.grad((ref * w).sum(), [xg, *model.parameters()])
+    for a1, a2 in zip(g1, g2):
+        assert torch.allclose(a1, a2, atol=1e-4, rtol=1e-4)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..schedule import NoiseSchedule
@@ -17,9 +18,25 @@ class ResBlock(nn.Module):
         self.fc2 = nn.Linear(hidden * widen, hidden)
         self.act = nn.SiLU()
 
-    def forward(self, h, emb):
-        z = self.act(self.fc1(self.norm(h)) + self.emb(emb))
-        return h + self.fc2(z)
+    def forward(self, h, emb, counts=None):
+        """``h + fc2(silu(fc1(norm(h)) + emb_proj))``. ``emb`` is one row per sample, or, with
+        ``counts``, one row per run of equal timesteps (``counts`` rows each, in order): the
+        embedding's projection is then computed once per timestep and broadcast, which is what
+        the samplers (one t per call) and the likelihood estimator (t in blocks) need. Without
+        autograd the additions and the activation run in place (about twice as fast on a CPU)."""
+        e = F.linear(emb, self.emb.weight, self.emb.bias + self.fc1.bias)
+        z = self.norm(h) @ self.fc1.weight.t()
+        grad = torch.is_grad_enabled()
+        if counts is None:
+            z = z + e if grad else z.add_(e)
+        elif bool((counts == counts[0]).all()):  # equal runs: broadcast over a (runs, rows, width) view
+            zv, ev = z.view(len(counts), -1, z.shape[1]), e[:, None]
+            z = (zv + ev).view_as(z) if grad else zv.add_(ev).view_as(z)
+        else:
+            z = z + e.repeat_interleave(counts, 0)
+        z = F.silu(z, inplace=not grad)
+        out = torch.addmm(self.fc2.bias, z, self.fc2.weight.t())
+        return out + h if grad else out.add_(h)
 
 
 class ResNetDenoiser(ScoreModel):
@@ -54,12 +71,26 @@ class ResNetDenoiser(ScoreModel):
         self.skip_mean.copy_(data.mean(0))
         self.skip_var.copy_(data.var(0).mean())
 
+    row_chunk = 2048  # rows per forward pass without autograd: 2048-row activations stay in a CPU's cache
+
     def eps(self, x, t, cond=None):
+        """Noise prediction; without autograd, in chunks of ``row_chunk`` rows (a 65536-row batch
+        in one pass took 2.2x as long on a 2-core CPU as the same rows in 2048-row chunks)."""
         t = self._timesteps(t, x)
-        emb = self.time_embed(t)
+        c = int(self.row_chunk)
+        if not torch.is_grad_enabled() and x.shape[0] > c:
+            return torch.cat([self._eps(x[s:s + c], t[s:s + c]) for s in range(0, x.shape[0], c)])
+        return self._eps(x, t)
+
+    def _eps(self, x, t):
+        steps, counts = torch.unique_consecutive(t, return_counts=True)
+        if len(steps) * 4 <= len(t):  # few runs of equal t: embed each timestep once
+            emb = self.time_embed(steps)
+        else:
+            emb, counts = self.time_embed(t), None
         h = self.inp(x)
         for blk in self.blocks:
-            h = blk(h, emb)
+            h = blk(h, emb, counts)
         out = self.out(h)
         if self.gaussian_skip:
             a = self.schedule.abar_at(t, x)
