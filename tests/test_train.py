@@ -146,3 +146,49 @@ def test_bad_final_multipliers_option_is_one_clear_line(tmp_path):
         validate_config(compose_cfg(["train.final_multipliers=mean"]))
     with pytest.raises(ConfigError, match=r"train.final_primal must be one of \['last', 'average'\]"):
         validate_config(compose_cfg(["train.final_primal=ema"]))
+
+
+def test_baseline_estimates_constraints_every_few_dual_steps(tmp_path):
+    """``train.baseline_estimate_every``: a fixed-multiplier run estimates (and logs) its constraints
+    every N dual steps and at the last one; the summary's value is the last step's estimate. Dual
+    ascent ignores it (it needs every estimate)."""
+    from unlearn.config import ConfigError, validate_config
+
+    cfg = compose_cfg(["formulation=ru", "method=baseline", "method.multiplier=0.3", "train.baseline_estimate_every=2",
+                       "formulation.dual_steps=3"])
+    s = train(cfg, run_dir=tmp_path / "baseline")
+    rows = [json.loads(l) for l in (tmp_path / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert [bool(r["constraints"]) for r in rows] == [False, True, True]
+    name = s["constraints"][0]["name"]
+    assert s["constraints"][0]["value"] == pytest.approx(rows[-1]["constraints"][name]["value"])
+    train(compose_cfg(["formulation=ru", "train.baseline_estimate_every=2", "formulation.dual_steps=3"]),
+          run_dir=tmp_path / "constrained")
+    rows = [json.loads(l) for l in (tmp_path / "constrained" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["constraints"] for r in rows)
+    with pytest.raises(ConfigError, match="train.baseline_estimate_every"):
+        validate_config(compose_cfg(["train.baseline_estimate_every=0"]))
+    with pytest.raises(ValueError, match="fixed multipliers"):
+        from unlearn.dual import DualAscent
+        from unlearn.primal_dual import PrimalDual
+
+        PrimalDual(None, DualAscent(1, 0.1), 3, 1, estimate_every=2)
+
+
+def test_lu_baseline_draws_its_trajectories_ahead(tmp_path):
+    """``formulation.esd_refresh_every=k``: the ESD-style primal samples k batches at once every k
+    primal steps (one batch per step); k must divide the primal steps per dual step."""
+    from unlearn.config import ConfigError
+    from unlearn.train import build
+
+    over = ["formulation=lu", "method=baseline", "formulation.primal_steps_per_dual=4", "formulation.esd_refresh_every=2"]
+    cfg = compose_cfg(over)
+    setup, sampler, f, mu, gen = build(cfg, show_progress=False)
+    n = int(cfg.formulation.primal_batch_size)
+    first = f._esd_trajectories(n)
+    assert len(f._esd_buffer) == 1 and first.states[0].shape[0] == n and len(first.states) == len(first.timesteps) + 1
+    second = f._esd_trajectories(n)
+    assert not f._esd_buffer and not torch.equal(first.states[-1], second.states[-1])
+    s = train(cfg, run_dir=tmp_path)
+    assert s["status"] == "completed"
+    with pytest.raises(ConfigError, match="esd_refresh_every"):  # before any pretraining
+        build(compose_cfg(over[:-1] + ["formulation.esd_refresh_every=3"]), show_progress=False)

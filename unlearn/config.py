@@ -59,6 +59,10 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("formulation.batch_size", "formulation.primal_batch_size"):
         if OmegaConf.select(cfg, key) is not None and number(key, int) < 1:
             raise ConfigError(f"{key} must be >= 1")
+    if OmegaConf.select(cfg, "train.baseline_estimate_every") is not None:
+        if number("train.baseline_estimate_every", int) < 1:
+            raise ConfigError(f"train.baseline_estimate_every must be an integer >= 1 "
+                              f"(got {cfg.train.baseline_estimate_every})")
     if OmegaConf.select(cfg, "method.dual_lr") is not None and bool(cfg.method.get("learnable", True)):
         if not number("method.dual_lr") > 0:
             raise ConfigError(f"method.dual_lr must be > 0 (got {cfg.method.dual_lr})")

@@ -44,8 +44,15 @@ class PrimalDual:
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
                  logger=None, show_progress: bool = True, log_every: int = 1, on_step=None, checkpoint_every: int = 0,
                  checkpoint: Callable[[int, dict], None] | None = None, final_multipliers: str = "last",
-                 final_primal: str = "last"):
+                 final_primal: str = "last", estimate_every: int = 1):
         self.f, self.mu = formulation, multipliers
+        # fixed multipliers (baselines): the constraints are only monitored, so they may be
+        # estimated every few dual steps (always at the last one); dual ascent needs every step's
+        self.estimate_every = int(estimate_every)
+        if self.estimate_every < 1:
+            raise ValueError(f"estimate_every must be >= 1 (got {estimate_every})")
+        if self.estimate_every > 1 and getattr(multipliers, "learnable", False):
+            raise ValueError("estimate_every > 1 needs fixed multipliers (dual ascent uses every estimate)")
         if final_multipliers not in ("last", "average"):
             raise ValueError(f"final_multipliers must be 'last' or 'average' (got {final_multipliers!r})")
         if final_primal not in ("last", "average"):
@@ -124,7 +131,9 @@ class PrimalDual:
         names = self.f.constraint_names()
         rec = {
             "losses": losses,
-            "constraints": {n: {"value": float(v), "threshold": float(b)} for n, v, b in zip(names, values, thresholds)},
+            # values=None: not estimated at this step (fixed multipliers, estimate_every > 1)
+            "constraints": ({n: {"value": float(v), "threshold": float(b)} for n, v, b in zip(names, values, thresholds)}
+                            if values is not None else {}),
             "multipliers": {n: float(m) for n, m in zip(names, mu)},
             "time_s": round(elapsed, 3),
         }
@@ -206,13 +215,15 @@ class PrimalDual:
                     self._check_losses(step, losses)
             if self.final_primal == "average" and self.f.has_primal and step > self.dual_steps // 2:
                 self._accumulate_primal()
-            values = dist.mean(self.f.estimate(mu))
-            self._check(step, "constraint", names, values)
-            self.mu.update(self.f.violation(values, thr))
+            estimated = step % self.estimate_every == 0 or step == self.dual_steps
+            values = dist.mean(self.f.estimate(mu)) if estimated else self.values
+            if estimated:
+                self._check(step, "constraint", names, values)
+                self.mu.update(self.f.violation(values, thr))
             self._check(step, "multiplier", names, self.mu.value())
             evaluation = self.on_step(step, self.f.final_model(self.mu.value())) if self.on_step else None
             self.step, self.values, self.elapsed = step, values, time.time() - t0
-            self._record(step, losses, values, thr, mu, self.elapsed, evaluation)
+            self._record(step, losses, values if estimated else None, thr, mu, self.elapsed, evaluation)
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),
                             mu=", ".join(f"{float(m):.3g}" for m in self.mu.value()), refresh=False)
             if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.dual_steps:

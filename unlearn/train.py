@@ -191,7 +191,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                         logger=logger, show_progress=show and main, log_every=int(cfg.train.get("log_every", 1)),
                         on_step=on_step, checkpoint_every=checkpoint_every, checkpoint=checkpoint,
                         final_multipliers=str(cfg.train.get("final_multipliers", "last")),
-                        final_primal=str(cfg.train.get("final_primal", "last")))
+                        final_primal=str(cfg.train.get("final_primal", "last")),
+                        estimate_every=1 if multipliers.learnable else int(cfg.train.get("baseline_estimate_every", 1)))
 
     def finish(summary: dict, status: str) -> dict:
         # wall_time_s (all sessions of the run together, as in run_info.json) is the one field of

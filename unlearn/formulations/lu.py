@@ -15,6 +15,7 @@ import torch
 from ..config import ConfigError
 from ..estimators import denoising_loss, log_likelihood_ratio, timestep_proposal, trajectory_kl
 from ..models.base import ComposedScore
+from ..samplers import Trajectory
 from .base import Formulation, OracleTarget
 
 
@@ -42,6 +43,7 @@ class LikelihoodUnlearning(Formulation):
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
         self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
+        self._esd_buffer: list = []  # fixed multipliers: trajectories drawn ahead (esd_refresh_every)
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
 
@@ -56,6 +58,12 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
         if str(f.likelihood) not in cls.LIKELIHOODS:
             raise ConfigError(f"formulation.likelihood must be one of {list(cls.LIKELIHOODS)} (got {f.likelihood!r})")
+        reuse = f.get("esd_refresh_every", 1)
+        if not isinstance(reuse, int) or reuse < 1:
+            raise ConfigError(f"formulation.esd_refresh_every must be an integer >= 1 (got {reuse!r})")
+        if int(f.primal_steps_per_dual) % reuse:
+            raise ConfigError(f"formulation.esd_refresh_every ({reuse}) must divide formulation.primal_steps_per_dual "
+                              f"({f.primal_steps_per_dual}): each dual step starts with fresh trajectories")
         if int(f.get("likelihood_pilot") or 0) < 0:
             raise ConfigError(f"formulation.likelihood_pilot must be >= 0 samples (0: uniform timesteps; got {f.likelihood_pilot})")
         floor = float(f.get("likelihood_proposal_floor", 0.1))
@@ -154,7 +162,7 @@ class LikelihoodUnlearning(Formulation):
         model, n = self.setup.model, int(self.cfg.primal_batch_size)
         cond = self.setup.cond
         if self.fixed:
-            traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
+            traj = self._esd_trajectories(n)
             loss = trajectory_kl(model, self.esd_target(multipliers), self.sampler, traj, cond=cond,
                                  num_steps=self.grad_steps, generator=self.gen).mean()
             out = {"esd_kl": loss.item()}
@@ -195,6 +203,22 @@ class LikelihoodUnlearning(Formulation):
         self.optimizer_step(loss)
         out["loss"] = loss.item()
         return out
+
+    def _esd_trajectories(self, n: int):
+        """The ESD-style primal's trajectories of the model: ``esd_refresh_every`` (k) batches of
+        ``n`` drawn in one call every k primal steps, one batch per step. The distilled target is
+        fixed, so the minimiser of the loss does not depend on where the states come from; states
+        up to k - 1 steps old are as good a training distribution, and one large sampling batch
+        is several times cheaper than k small ones on a CPU."""
+        k = int(self.cfg.get("esd_refresh_every", 1) or 1)
+        if k == 1:
+            return self.sampler.sample(self.setup.model, n, self.gen, cond=self.setup.cond, record=True)
+        if not self._esd_buffer:
+            traj = self.sampler.sample(self.setup.model, n * k, self.gen, cond=self.setup.cond, record=True)
+            self._esd_buffer = [Trajectory(states=[s[i * n:(i + 1) * n] for s in traj.states],
+                                           timesteps=traj.timesteps, log_prob=None,
+                                           eps=[e[i * n:(i + 1) * n] for e in traj.eps]) for i in range(k)]
+        return self._esd_buffer.pop(0)
 
     def prepare(self):
         if self.gradient == "weighted" and not self.fixed:  # drawn before step 1, so a resume redraws it alike
