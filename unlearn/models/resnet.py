@@ -23,7 +23,8 @@ class ResBlock(nn.Module):
         ``counts``, one row per run of equal timesteps (``counts`` rows each, in order): the
         embedding's projection is then computed once per timestep and broadcast, which is what
         the samplers (one t per call) and the likelihood estimator (t in blocks) need. Without
-        autograd the additions and the activation run in place (about twice as fast on a CPU)."""
+        autograd the additions and the activation run in place (16384 rows in 64 runs of t: about
+        25% faster than the plain formula on 2 CPU cores)."""
         e = F.linear(emb, self.emb.weight, self.emb.bias + self.fc1.bias)
         z = self.norm(h) @ self.fc1.weight.t()
         grad = torch.is_grad_enabled()
