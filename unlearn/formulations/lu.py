@@ -50,7 +50,13 @@ class LikelihoodUnlearning(Formulation):
     @classmethod
     def check_config(cls, cfg, fixed):
         super().check_config(cfg, fixed)
-        cls._check_choices(cfg.formulation)
+        f = cfg.formulation
+        cls._check_choices(f)
+        reuse = int(f.get("esd_refresh_every", 1))
+        if fixed and int(f.primal_steps_per_dual) % reuse:  # only the ESD-style (baseline) primal uses it
+            raise ConfigError(f"formulation.esd_refresh_every ({reuse}) must divide formulation.primal_steps_per_dual "
+                              f"({f.primal_steps_per_dual}) for method=baseline: each dual step starts with fresh "
+                              f"trajectories")
 
     @classmethod
     def _check_choices(cls, f):
@@ -61,9 +67,6 @@ class LikelihoodUnlearning(Formulation):
         reuse = f.get("esd_refresh_every", 1)
         if not isinstance(reuse, int) or reuse < 1:
             raise ConfigError(f"formulation.esd_refresh_every must be an integer >= 1 (got {reuse!r})")
-        if int(f.primal_steps_per_dual) % reuse:
-            raise ConfigError(f"formulation.esd_refresh_every ({reuse}) must divide formulation.primal_steps_per_dual "
-                              f"({f.primal_steps_per_dual}): each dual step starts with fresh trajectories")
         if int(f.get("likelihood_pilot") or 0) < 0:
             raise ConfigError(f"formulation.likelihood_pilot must be >= 0 samples (0: uniform timesteps; got {f.likelihood_pilot})")
         floor = float(f.get("likelihood_proposal_floor", 0.1))
