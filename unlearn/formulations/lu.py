@@ -214,8 +214,6 @@ class LikelihoodUnlearning(Formulation):
         up to k - 1 steps old are as good a training distribution, and one large sampling batch
         is several times cheaper than k small ones on a CPU."""
         k = int(self.cfg.get("esd_refresh_every", 1) or 1)
-        if k == 1:
-            return self.sampler.sample(self.setup.model, n, self.gen, cond=self.setup.cond, record=True)
         if not self._esd_buffer:
             traj = self.sampler.sample(self.setup.model, n * k, self.gen, cond=self.setup.cond, record=True)
             self._esd_buffer = [Trajectory(states=[s[i * n:(i + 1) * n] for s in traj.states],

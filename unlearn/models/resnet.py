@@ -18,9 +18,9 @@ class ResBlock(nn.Module):
         self.fc2 = nn.Linear(hidden * widen, hidden)
         self.act = nn.SiLU()
 
-    def forward(self, h, emb, counts=None):
+    def forward(self, h, emb, runs=None):
         """``h + fc2(silu(fc1(norm(h)) + emb_proj))``. ``emb`` is one row per sample, or, with
-        ``counts``, one row per run of equal timesteps (``counts`` rows each, in order): the
+        ``runs``, one row per run of equal timesteps (``runs`` runs of equal length, in order): the
         embedding's projection is then computed once per timestep and broadcast, which is what
         the samplers (one t per call) and the likelihood estimator (t in blocks) need. Without
         autograd the additions and the activation run in place (16384 rows in 64 runs of t: about
@@ -28,13 +28,9 @@ class ResBlock(nn.Module):
         e = F.linear(emb, self.emb.weight, self.emb.bias + self.fc1.bias)
         z = self.norm(h) @ self.fc1.weight.t()
         grad = torch.is_grad_enabled()
-        if counts is None:
-            z = z + e if grad else z.add_(e)
-        elif bool((counts == counts[0]).all()):  # equal runs: broadcast over a (runs, rows, width) view
-            zv, ev = z.view(len(counts), -1, z.shape[1]), e[:, None]
-            z = (zv + ev).view_as(z) if grad else zv.add_(ev).view_as(z)
-        else:
-            z = z + e.repeat_interleave(counts, 0)
+        if runs is not None:  # broadcast over a (runs, rows, width) view
+            z, e = z.view(runs, -1, z.shape[1]), e[:, None]
+        z = (z + e if grad else z.add_(e)).view(h.shape[0], -1)
         z = F.silu(z, inplace=not grad)
         out = torch.addmm(self.fc2.bias, z, self.fc2.weight.t())
         return out + h if grad else out.add_(h)
@@ -85,13 +81,18 @@ class ResNetDenoiser(ScoreModel):
 
     def _eps(self, x, t):
         steps, counts = torch.unique_consecutive(t, return_counts=True)
-        if len(steps) * 4 <= len(t):  # few runs of equal t: embed each timestep once
+        runs = None
+        if len(steps) * 4 > len(t):  # t changes from row to row (training): embed every row
+            emb = self.time_embed(t)
+        else:  # few runs of equal t: embed each timestep once, broadcast over equal runs
             emb = self.time_embed(steps)
-        else:
-            emb, counts = self.time_embed(t), None
+            if bool((counts == counts[0]).all()):
+                runs = len(steps)
+            else:
+                emb = emb.repeat_interleave(counts, 0)
         h = self.inp(x)
         for blk in self.blocks:
-            h = blk(h, emb, counts)
+            h = blk(h, emb, runs)
         out = self.out(h)
         if self.gaussian_skip:
             a = self.schedule.abar_at(t, x)
