@@ -85,3 +85,84 @@ def test_nupi_dual_optimizer_moves_like_ascent():
     assert d.value().item() == pytest.approx(1.0)
     d.update(torch.tensor([-5.0]))
     assert d.value().item() == 0.0  # projected onto mu >= 0
+
+
+def _weighted_lu(setup, anchor: bool):
+    from unlearn.formulations.lu import LikelihoodUnlearning
+
+    cfg = OmegaConf.create(dict(gradient="weighted", likelihood="exact", weighted_anchor=anchor, primal_lr=1e-3,
+                                threshold_factor=0.5, batch_size=64, likelihood_timesteps=8, likelihood_noise=1))
+    return LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), False, False)
+
+
+def test_anchored_weighted_primal_leaves_the_pretrained_model_alone_at_uniform_weights():
+    """weighted_anchor: with uniform weights (lam = 0) the loss and its gradient are exactly 0 at the
+    pretrained model, whatever the pool; the plain weighted loss fits the pool (non-zero gradient)."""
+    import copy
+
+    from unlearn.models.resnet import ResNetDenoiser
+
+    g, idx = GEOMETRIES[0]
+    torch.manual_seed(0)
+    net = ResNetDenoiser(2, SCHED, num_layers=2, hidden=32)
+    pre = copy.deepcopy(net).requires_grad_(False)
+    setup = UnlearningSetup("gmm", pre, net, [ExactGMMScore(c, SCHED) for c in GMMOracle(g, idx).concepts], ["2"], [],
+                            oracle=GMMOracle(g, idx))
+    x0 = g.sample(256, torch.Generator().manual_seed(1)).float()
+    w = torch.full((256,), 1 / 256)
+    for anchor in (True, False):
+        f = _weighted_lu(setup, anchor)
+        net.zero_grad()
+        loss = f._weighted_loss(x0, w)
+        loss.backward()
+        gnorm = sum(float(p.grad.norm()) for p in net.parameters() if p.grad is not None)
+        if anchor:
+            assert float(loss) == 0.0 and gnorm == 0.0
+        else:
+            assert float(loss) > 0.1 and gnorm > 1e-3
+
+
+@pytest.mark.parametrize("right_reference", [True, False])
+def test_anchored_weighted_loss_differs_from_the_plain_one_by_a_constant(right_reference):
+    """The anchored loss minus the plain one is ``mean_j 2 f(x_t^j).(e_j - eps_pre(x_t^j))`` plus terms
+    without f: for pool samples of p_pre and the exact eps_pre its expectation does not depend on the
+    model f, so both losses have the same minimiser (the target's denoiser). Checked between two
+    models f1, f2 (a random ResNet and the exact denoiser of the mixture without the unlearned
+    component) on 20,000 exact mixture samples, at the weights exp(-l) of the exact l, against 4
+    standard errors; with a wrong reference (a shifted mixture's exact denoiser) the difference is
+    far outside them, so the check can fail."""
+    from unlearn.models.gmm import GaussianMixture as GM
+    from unlearn.models.resnet import ResNetDenoiser
+
+    g, idx = GEOMETRIES[0]
+    o = GMMOracle(g, idx)
+    torch.manual_seed(0)
+    f1 = ResNetDenoiser(2, SCHED, num_layers=2, hidden=32)
+    f2 = ExactGMMScore(GM(g.means[:2].tolist(), g.stds[:2].tolist(), [1, 1]), SCHED)
+    ref = ExactGMMScore(g if right_reference else GM((g.means + 0.7).tolist(), g.stds.tolist(), [1, 1, 1]), SCHED)
+    setup = UnlearningSetup("gmm", ref, f1, [ExactGMMScore(c, SCHED) for c in o.concepts], ["2"], [], oracle=o)
+    f = _weighted_lu(setup, True)
+    m = 20000
+    x0 = g.sample(m, torch.Generator().manual_seed(1)).float()
+    w = torch.softmax(-torch.exp(o.log_l(x0)).float().squeeze(-1), 0)
+
+    def loss(model, anchor):
+        f.setup.model, f.anchor = model, anchor
+        f.gen.manual_seed(5)  # the same t and noise for every loss
+        with torch.no_grad():
+            return float(f._weighted_loss(x0, w))
+
+    delta = (loss(f1, True) - loss(f2, True)) - (loss(f1, False) - loss(f2, False))
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, SCHED.T, (m,), generator=gen)
+    e = torch.randn(x0.shape, generator=gen)
+    xt = SCHED.add_noise(x0, e, t)
+    with torch.no_grad():
+        per = (2 * (f1.eps(xt, t) - f2.eps(xt, t)) * (e - ref.eps(xt, t))).sum(1) / 2
+    assert delta == pytest.approx(float(per.mean()), abs=1e-4)  # the code computes the formula above
+    se = float(per.std()) / m**0.5
+    assert abs(loss(f1, False) - loss(f2, False)) > 50 * se  # the two models' losses differ by far more
+    if right_reference:
+        assert abs(delta) < 4 * se, (delta, se)
+    else:
+        assert abs(delta) > 8 * se, (delta, se)

@@ -40,6 +40,8 @@ class LikelihoodUnlearning(Formulation):
         # policy gradient: also pass the path KL through the score-function term (its dependence on
         # the visited states), not only its direct gradient as DPOK does
         self.full_kl_gradient = bool(self.cfg.get("full_kl_gradient", False))
+        self.anchor = bool(self.cfg.get("weighted_anchor", False))  # gradient=weighted: see _weighted_loss
+        self.correction_min_t = int(self.cfg.get("weighted_correction_min_t", 0) or 0)
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
         self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
@@ -64,6 +66,11 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
         if str(f.likelihood) not in cls.LIKELIHOODS:
             raise ConfigError(f"formulation.likelihood must be one of {list(cls.LIKELIHOODS)} (got {f.likelihood!r})")
+        if not isinstance(f.get("weighted_anchor", False), bool):
+            raise ConfigError(f"formulation.weighted_anchor must be true or false (got {f.weighted_anchor!r})")
+        tmin = f.get("weighted_correction_min_t", 0)
+        if not isinstance(tmin, int) or isinstance(tmin, bool) or tmin < 0:
+            raise ConfigError(f"formulation.weighted_correction_min_t must be an integer timestep >= 0 (got {tmin!r})")
         reuse = f.get("esd_refresh_every", 1)
         if not isinstance(reuse, int) or reuse < 1:
             raise ConfigError(f"formulation.esd_refresh_every must be an integer >= 1 (got {reuse!r})")
@@ -176,8 +183,7 @@ class LikelihoodUnlearning(Formulation):
             # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7)
             logw = -(l[idx] * multipliers[None]).sum(1)
             w = torch.softmax(logw, 0).to(x.device)
-            per = denoising_loss(model, x[idx], self.gen, cond=cond, reduce=False)
-            loss = (w * per).sum()
+            loss = self._weighted_loss(x[idx], w)
             out = {"ess": (1.0 / (w**2).sum()).item() / m}
         elif self.gradient == "policy":
             traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
@@ -206,6 +212,35 @@ class LikelihoodUnlearning(Formulation):
         self.optimizer_step(loss)
         out["loss"] = loss.item()
         return out
+
+    def _weighted_loss(self, x0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The weighted primal's loss on pool samples ``x0`` with self-normalised weights ``w``.
+
+        Plain (``weighted_anchor: false``): ``sum_j w_j ||eps_theta(x_t^j) - e_j||^2``, minimised by the
+        target's denoiser ``E[w e | x_t] / E[w | x_t]`` -- under the *pool's* posterior, so at
+        ``lam = 0`` it fits the finite pool (and the sampler's bias) rather than staying put.
+        Anchored (``weighted_anchor: true``): ``mean_j ||eps_theta - eps_pre||^2 + sum_j (w_j - 1/m)
+        ||eps_theta - e_j||^2``, a control variate with the same minimiser
+        ``(eps_pre - E[e | x_t] + E[w e | x_t]) / E[w | x_t]`` where the pool follows ``p_pre``
+        (``E[e | x_t] = eps_pre``); uniform weights give ``eps_pre`` itself, so only the reweighting
+        moves the model (the first term is the path KL's integrand on the pool's states)."""
+        model, cond, m = self.setup.model, self.setup.cond, x0.shape[0]
+        if not self.anchor:
+            return (w * denoising_loss(model, x0, self.gen, cond=cond, reduce=False)).sum()
+        sched = model.schedule
+        t = torch.randint(0, sched.T, (m,), generator=self.gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=self.gen, dtype=x0.dtype).to(x0.device)
+        xt = sched.add_noise(x0, noise, t)
+        pred = model.eps(xt, t, cond)
+        with torch.no_grad():
+            ref = self.setup.pretrained.eps(xt, t, cond)
+        size = x0[0].numel()
+        to_pre = ((pred - ref) ** 2).flatten(1).sum(1) / size
+        to_noise = ((pred - noise) ** 2).flatten(1).sum(1) / size
+        coef = w - 1.0 / m
+        if self.correction_min_t > 0:  # below it, the pool's posterior is one image: the correction only memorises
+            coef = coef * (t >= self.correction_min_t)
+        return to_pre.mean() + (coef * to_noise).sum()
 
     def _esd_trajectories(self, n: int):
         """The ESD-style primal's trajectories of the model: ``esd_refresh_every`` (k) batches of
