@@ -61,3 +61,19 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path):
 
 def test_joblib_launcher_runs_the_sweep(tmp_path):
     assert _tiny_sweep(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == ["0", "1"]
+
+
+def test_retained_share_tv_ignores_the_unlearned_classes():
+    """0 when only the unlearned class changes (the rest renormalised); a known value otherwise."""
+    from unlearn.figures import retained_share_tv
+
+    pre = [0.1] * 10
+    only_7 = [0.1 * 1.05] * 7 + [0.055] + [0.1 * 1.05] * 2  # 7 halved, the others scaled alike
+    s = {"metrics": {"class_share": only_7}, "pretrained_metrics": {"class_share": pre},
+         "setup": {"classes": {"unlearn": [7]}}}
+    assert retained_share_tv(s) == pytest.approx(0.0, abs=1e-12)
+    moved = list(pre)
+    moved[5], moved[3] = 0.15, 0.05  # 0.05 of the mass moved from 3 to 5
+    s["metrics"]["class_share"] = moved
+    assert retained_share_tv(s) == pytest.approx(0.05 / 0.9)
+    assert retained_share_tv({"metrics": {}, "pretrained_metrics": {}}) is None  # no class shares (GMM)

@@ -27,12 +27,31 @@ LABELS = {
     "max_sscd": "max copy-detection similarity over forget images (lower: more forgotten)",
     "clip": "max concept score over the unlearning prompts (CLIP, or 100 p(digit))",
     "unlearned_share": "share of samples classified as an unlearned digit",
+    "retained_share_tv": "other digits' proportions: total variation to the pretrained model's",
 }
 STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (threshold factor b)"),
          "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)")}
 
 
+def retained_share_tv(summary: dict):
+    """Total variation between the retained classes' proportions (class shares renormalised over
+    the classes not unlearned) of the unlearned and of the pretrained model's samples: 0 when the
+    other classes keep their share exactly, whatever happened to the unlearned ones."""
+    share = (summary.get("metrics") or {}).get("class_share")
+    pre = (summary.get("pretrained_metrics") or {}).get("class_share")
+    unlearn = set(((summary.get("setup") or {}).get("classes") or {}).get("unlearn") or [])
+    if not share or not pre or len(share) != len(pre):
+        return None
+    keep = [i for i in range(len(share)) if i not in unlearn]
+    a, b = sum(share[i] for i in keep), sum(pre[i] for i in keep)
+    if a <= 0 or b <= 0:
+        return None
+    return 0.5 * sum(abs(share[i] / a - pre[i] / b) for i in keep)
+
+
 def _metric(summary: dict, key: str):
+    if key == "retained_share_tv":
+        return retained_share_tv(summary)
     if key == "min_kl_to_concepts":
         vals = [c["value"] for c in summary.get("constraints", [])]
         return min(vals) if vals else None
@@ -70,6 +89,9 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
             for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target",
                       "kl_retained_part"):
                 row[k] = _metric(s, k)
+            for k in ("unlearned_share", "retained_share_tv"):  # class-labelled models (digits) only
+                if _metric(s, k) is not None:
+                    row[k] = _metric(s, k)
             row["constraints_satisfied"] = all(c.get("satisfied") for c in s.get("constraints", []))
             row["wall_time_s"] = _wall_time(d)
         rows.append(row)
