@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 LABELS = {
-    "expected_likelihood": "expected unlearning likelihood E_p[q/p_pre] (dimensionless, pretrained = 1)",
+    "expected_likelihood": "expected unlearning likelihood E_p[q/p_pre] (estimated; exactly 1 for the pretrained model)",
     "kl_to_retained": "KL(model || retained modes) [nats]",
     "kl_to_pretrained": "KL(model || pretrained) [nats]",
     "unlearned_mass": "share of samples in unlearned component(s) (fraction)",
@@ -27,7 +27,7 @@ LABELS = {
     "max_sscd": "max copy-detection similarity over forget images (lower: more forgotten)",
     "clip": "max concept score over the unlearning prompts (CLIP, or 100 p(digit))",
     "unlearned_share": "share of samples classified as an unlearned digit",
-    "retained_share_tv": "other digits' proportions: total variation to the pretrained model's",
+    "retained_share_tv": "other classes' proportions: TV to pretrained",
 }
 STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (threshold factor b)"),
          "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)")}
