@@ -34,11 +34,13 @@ def test_ru_multipliers_match_oracle_on_other_geometry(tmp_path):
 @pytest.mark.parametrize("anchor", [False, True])
 def test_lu_multipliers_match_oracle_on_other_geometry_with_exact_likelihoods(anchor, tmp_path):
     """The primal-dual machinery (weighted primal, averaged multipliers and weights) against the
-    oracle, with the exact l = q/p_pre: measured (seed 0) +6% / +3% of the oracle, kl_to_target 0.054,
-    constraints 0.083 <= 0.092 and 0.104 vs 0.091 (+14%: the fitted model is not exactly the target).
-    The anchored weighted loss (``formulation.weighted_anchor=true``) has the same minimiser: ANCHORED."""
-    s = _run(["formulation=lu", "formulation.likelihood=exact", f"formulation.weighted_anchor={str(anchor).lower()}"]
-             + OTHER, tmp_path)
+    oracle, with the exact l = q/p_pre and 25 dual steps: measured (seed 0) +6% / +3% of the oracle,
+    kl_to_target 0.054, constraints 0.083 <= 0.092 and 0.104 vs 0.091 (+14%: the fitted model is not
+    exactly the target). With the GMM tuning's 20 dual steps constraint 2 ends at 0.127 (+40%).
+    The anchored weighted loss (``formulation.weighted_anchor=true``, same minimiser): +16% / +15%,
+    kl_to_target 0.035, constraints 0.088 <= 0.092 and 0.088 <= 0.091."""
+    s = _run(["formulation=lu", "formulation.likelihood=exact", "formulation.dual_steps=25",
+              f"formulation.weighted_anchor={str(anchor).lower()}"] + OTHER, tmp_path)
     mu, opt = np.array(s["multipliers"]), np.array(s["oracle"]["multipliers"])
     assert np.all(np.abs(mu - opt) <= 0.2 * np.abs(opt)), (mu, opt)
     assert s["metrics"]["kl_to_target"] < 0.1
