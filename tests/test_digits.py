@@ -71,20 +71,25 @@ def _full(formulation, tmp_path, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("formulation", ["lu", "ru"])
+@pytest.mark.parametrize("formulation", [
+    "lu",
+    pytest.param("ru", marks=pytest.mark.xfail(strict=True, reason=(
+        "RU's exact target p_pre prod (p_pre/q_i)^c reweights the other digits by the concept models' "
+        "likelihood ratio: 5 and 8 rise (retained_share_tv 0.19 at the preset's factor 2; README, digits RU)"))),
+])
 def test_digits_concept_unlearning_removes_the_digit_and_keeps_the_others(formulation, tmp_path):
+    """The issue's check at the preset's default threshold (LU, session 6: 7s 0.076 -> 0.034,
+    retained_share_tv 0.050, largest other change 0.019)."""
+    from unlearn.figures import retained_share_tv
+
     s = _full(formulation, tmp_path)
     m, pre = s["metrics"], s["pretrained_metrics"]
     assert pre["eval_net_accuracy"] > 0.95
-    unl = s["setup"]["classes"]["unlearn"]
     # the unlearned digits: well below their pretrained share
     assert m["unlearned_share"] < 0.5 * pre["unlearned_share"], (m["class_share"], pre["class_share"])
-    # the other digits keep their share, up to the mass redistributed from the unlearned ones
-    freed = pre["unlearned_share"] - m["unlearned_share"]
-    for d in range(10):
-        if d not in unl:
-            assert m["class_share"][d] >= pre["class_share"][d] - 0.05, (d, m["class_share"], pre["class_share"])
-            assert m["class_share"][d] <= pre["class_share"][d] + freed + 0.05, (d, m["class_share"])
+    # the other digits keep their share: their proportions within 0.07 in total variation of the
+    # pretrained model's (each share's sampling std over 1,024 samples is about 0.009)
+    assert retained_share_tv(s) < 0.07, (m["class_share"], pre["class_share"])
 
 
 @pytest.mark.slow
