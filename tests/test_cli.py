@@ -29,6 +29,8 @@ BAD = [
     (["model=sd99"], "model"),
     (["method=foo"], "method"),
     (["formulation=lu", "formulation.gradient=magic"], "formulation.gradient"),
+    (["formulation=lu", "formulation.weighted_anchor=maybe"], "formulation.weighted_anchor"),
+    (["formulation=lu", "formulation.weighted_correction_min_t=-5"], "formulation.weighted_correction_min_t"),
 ]
 
 

@@ -223,7 +223,9 @@ class LikelihoodUnlearning(Formulation):
         ||eps_theta - e_j||^2``, a control variate with the same minimiser
         ``(eps_pre - E[e | x_t] + E[w e | x_t]) / E[w | x_t]`` where the pool follows ``p_pre``
         (``E[e | x_t] = eps_pre``); uniform weights give ``eps_pre`` itself, so only the reweighting
-        moves the model (the first term is the path KL's integrand on the pool's states)."""
+        moves the model (the first term is the path KL's integrand on the pool's states).
+        ``weighted_correction_min_t``: the second term only at ``t >=`` it (below, the pool's
+        posterior is one image, so the term mostly fits that image's noise); the plain loss ignores it."""
         model, cond, m = self.setup.model, self.setup.cond, x0.shape[0]
         if not self.anchor:
             return (w * denoising_loss(model, x0, self.gen, cond=cond, reduce=False)).sum()
