@@ -90,8 +90,9 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
                       "kl_retained_part"):
                 row[k] = _metric(s, k)
             for k in ("unlearned_share", "retained_share_tv"):  # class-labelled models (digits) only
-                if _metric(s, k) is not None:
-                    row[k] = _metric(s, k)
+                v = _metric(s, k)
+                if v is not None:
+                    row[k] = v
             row["constraints_satisfied"] = all(c.get("satisfied") for c in s.get("constraints", []))
             row["wall_time_s"] = _wall_time(d)
         rows.append(row)

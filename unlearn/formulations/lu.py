@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..estimators import denoising_loss, log_likelihood_ratio, timestep_proposal, trajectory_kl
+from ..estimators import _sqnorm, denoising_loss, log_likelihood_ratio, timestep_proposal, trajectory_kl
 from ..models.base import ComposedScore
 from ..samplers import Trajectory
 from .base import Formulation, OracleTarget
@@ -236,9 +236,8 @@ class LikelihoodUnlearning(Formulation):
         pred = model.eps(xt, t, cond)
         with torch.no_grad():
             ref = self.setup.pretrained.eps(xt, t, cond)
-        size = x0[0].numel()
-        to_pre = ((pred - ref) ** 2).flatten(1).sum(1) / size
-        to_noise = ((pred - noise) ** 2).flatten(1).sum(1) / size
+        size = x0[0].numel()  # per-dimension, as denoising_loss
+        to_pre, to_noise = _sqnorm(pred - ref) / size, _sqnorm(pred - noise) / size
         coef = w - 1.0 / m
         if self.correction_min_t > 0:  # below it, the pool's posterior is one image: the correction only memorises
             coef = coef * (t >= self.correction_min_t)
