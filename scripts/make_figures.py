@@ -17,7 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import unlearn.config  # noqa: E402,F401  (registers the ${pick:...} resolver)
 from unlearn import figures  # noqa: E402
 
-EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff", "digits_lu", "digits_fu", "digits_ru")
+EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff", "digits_lu", "digits_fu", "digits_ru", "digits_ru_paper")
 DEFAULT = ("fig1", "fig4", "ru_tradeoff", "fu_tradeoff")  # the digits sweeps take long on a CPU: ask for them with --only
 
 

@@ -31,6 +31,8 @@ BAD = [
     (["formulation=lu", "formulation.gradient=magic"], "formulation.gradient"),
     (["formulation=lu", "formulation.weighted_anchor=maybe"], "formulation.weighted_anchor"),
     (["formulation=lu", "formulation.weighted_correction_min_t=-5"], "formulation.weighted_correction_min_t"),
+    (["formulation=ru", "formulation.separation_cap=-1"], "formulation.separation_cap"),
+    (["formulation=ru", "formulation.separation_cap=2", "formulation.kl_estimator=path"], "formulation.separation_cap"),
 ]
 
 

@@ -16,8 +16,8 @@ from unlearn.setup import UnlearningSetup
 SCHED = NoiseSchedule.linear()
 
 
-def exact_setup(g, idx):
-    o = GMMOracle(g, idx)
+def exact_setup(g, idx, ru_cap=None):
+    o = GMMOracle(g, idx, ru_cap=ru_cap)
     pre = ExactGMMScore(g, SCHED)
     qs = [ExactGMMScore(c, SCHED) for c in o.concepts]
     return UnlearningSetup("gmm", pre, pre, qs, [str(i) for i in idx], [], oracle=o), o
@@ -29,20 +29,56 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.parametrize("cap", [None, 2.0])
 @pytest.mark.parametrize("g,idx", GEOMETRIES)
-def test_ru_dual_only_ratio_estimator_finds_oracle_multipliers(g, idx):
-    """Dual-only RU with the importance-weighted KL: multipliers within 10% (+0.003) of the optimum."""
-    setup, o = exact_setup(g, idx)
+def test_ru_dual_only_ratio_estimator_finds_oracle_multipliers(g, idx, cap):
+    """Dual-only RU with the importance-weighted KL: multipliers within 10% (+0.003) of the optimum,
+    for the paper's KL and for the capped separation (``separation_cap``; the oracle's grid target)."""
+    setup, o = exact_setup(g, idx, ru_cap=cap)
     cfg = OmegaConf.create(dict(threshold_factor=1.3, batch_size=256, max_multiplier_sum=0.95, kl_estimator="ratio",
-                                final_samples="resample", pool_size=4096, likelihood_timesteps=32))
+                                final_samples="resample", pool_size=4096, likelihood_timesteps=32,
+                                separation_cap=cap))
     f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), False, False)
-    mu, values, thr, _ = PrimalDual(f, DualAscent(len(idx), 0.002, projection=f.project), 150, 0,
+    lr = 0.002 if cap is None else 0.02  # capped values are O(1) nats, the KLs O(20)
+    mu, values, thr, _ = PrimalDual(f, DualAscent(len(idx), lr, projection=f.project), 150, 0,
                                     show_progress=False).run()
     opt = o.optimal_multipliers("ru", o.thresholds("ru", 1.3))
     assert np.allclose(mu.numpy(), opt, rtol=0.1, atol=0.003), (mu, opt)
     assert np.allclose(thr.numpy(), o.thresholds("ru", 1.3), rtol=0.06)  # estimated vs exact thresholds
     x = f.final_samples(mu, 4000, torch.Generator().manual_seed(1))
     assert GMMEvaluator(g, idx, o).evaluate(x, "ru", mu.tolist())["kl_to_target"] < 0.1
+    grid, logp = o.target_log_density("ru", mu.numpy())
+    exact_kl = grid.kl(logp, grid.normalize_log(o.log_pre(grid.points)))
+    assert abs(f.final_metrics(mu)["kl_to_pretrained"] - exact_kl) < 0.1 * exact_kl + 0.01, (f.final_metrics(mu), exact_kl)
+
+
+def test_ru_resampling_is_systematic_and_paired_with_the_pretrained_samples():
+    """Each pool sample appears floor or ceil of n w_j times (multinomial resampling would miss by
+    about sqrt(n w_j)); the pretrained samples are the pool at uniform weights, drawn from the same
+    quantiles, so where the weights are flat the two sets hold the same samples."""
+    setup, _ = exact_setup(*GEOMETRIES[1])
+    cfg = OmegaConf.create(dict(threshold_factor=1.3, batch_size=16, kl_estimator="ratio", final_samples="resample"))
+    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), False, False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    llr = torch.randn(200, 2, generator=g, dtype=torch.float64) * 2
+    llr[100:] = -3.0  # half the pool: equal log-ratios, so equal weights there
+    f._pool = (x, llr)
+    mu = torch.tensor([0.2, 0.1])
+    n = 1000
+    w = f._weights(mu)[1]
+    xs, xp = f.final_samples(mu, n, torch.Generator().manual_seed(5)), f.pretrained_samples(n, torch.Generator().manual_seed(5))
+    for samples, weights in ((xs, w), (xp, torch.full((200,), 1 / 200, dtype=torch.float64))):
+        idx = torch.cdist(samples, x).argmin(1)
+        counts = torch.bincount(idx, minlength=200).double()
+        assert bool(((counts - n * weights).abs() < 1 + 1e-9).all()), (counts - n * weights).abs().max()
+    assert not torch.equal(xs[:10], xs.sort(0).values[:10])  # permuted, not in pool order
+    # paired: the same generator state draws the same quantiles and permutation, so at nearly uniform
+    # weights most positions hold the same pool sample; an independent draw matches about 1 in 200
+    near = f.final_samples(torch.tensor([0.005, 0.0]), n, torch.Generator().manual_seed(5))
+    assert float((near == xp).all(1).double().mean()) > 0.5
+    other = f.final_samples(torch.tensor([0.005, 0.0]), n, torch.Generator().manual_seed(6))
+    assert float((other == xp).all(1).double().mean()) < 0.05
 
 
 def test_ru_projection_keeps_target_proper():

@@ -100,3 +100,27 @@ def test_lu_keeps_retained_modes_and_ru_pushes_them():
     mean_right_ru = (w[:, None] * pr).sum(0) / w.sum()
     assert float(mean_lu[1]) < 0.5  # the q mode at (0, 3) is gone: mean y drops from 1 to ~0
     assert float(mean_right_ru[1]) < -0.3 and float(mean_right_ru[0]) > 2.3  # pushed away from (0, 3)
+
+
+def test_capped_ru_separation_against_monte_carlo_and_its_limits():
+    """``ru_cap``: the capped separation ``KL(p||p_pre) + E_p[min(-llr_i, C)]`` on the grid equals a Monte
+    Carlo average with exact densities at the pretrained model (5 standard errors), the paper's KL for a
+    cap no sample reaches (1e-3), and the dual gradient of the capped problem matches finite differences."""
+    o = GMMOracle(OTHER, [1, 2], ru_cap=2.0)
+    x = OTHER.sample(200_000, torch.Generator().manual_seed(0)).double()
+    f = (-o.log_l(x)).clamp(max=2.0)  # at p = p_pre the KL term is 0
+    mc, se = f.mean(0).numpy(), (f.std(0) / math.sqrt(len(f))).numpy()
+    assert np.all(np.abs(o.pretrained_values("ru") - mc) < 5 * se + 1e-3), (o.pretrained_values("ru"), mc, se)
+    assert np.all(o.pretrained_values("ru") < GMMOracle(OTHER, [1, 2]).pretrained_values("ru") - 5)  # the cap bites
+    mu = np.array([0.2, 0.1])
+    far = GMMOracle(OTHER, [1, 2], ru_cap=1e4)
+    assert np.allclose(far.constraint_values("ru", mu), GMMOracle(OTHER, [1, 2]).constraint_values("ru", mu), atol=1e-3)
+    b = o.thresholds("ru", 1.3)
+    _, grad = o.dual_function("ru", mu, b)
+    for i in range(2):
+        e = np.zeros(2)
+        e[i] = 1e-5
+        fd = (o.dual_function("ru", mu + e, b)[0] - o.dual_function("ru", mu - e, b)[0]) / 2e-5
+        assert abs(fd - grad[i]) < 1e-3 * max(1, abs(grad[i])), (i, fd, grad[i])
+    with pytest.raises(ValueError, match="ru_cap"):
+        GMMOracle(OTHER, [1, 2], ru_cap=0.0)

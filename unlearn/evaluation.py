@@ -75,10 +75,17 @@ class ImageEvaluator:
             self.retain_info["score"] = score_kind
         return self._retain
 
-    def context(self, model, step: int) -> EvalContext:
+    def context(self, model, step: int, samples: torch.Tensor | None = None) -> EvalContext:
+        """``samples``: the run's final samples when they do not come from a sampler of ``model`` (RU's
+        importance resampling). The image metrics then see them, and the metrics that follow the
+        model's own trajectories (KL, expected likelihood) are skipped: ``model`` is not what they show."""
         s = self.setup
         n = int(self.m.num_images)
-        images = sample_images(model, self.sampler, n, int(self.m.seed), None, s.to_images, self._batch())
+        if samples is not None:
+            images = s.to_images(samples[:n]).clamp(0, 1).float().cpu()
+            model = None
+        else:
+            images = sample_images(model, self.sampler, n, int(self.m.seed), None, s.to_images, self._batch())
         forget_x0 = torch.cat(s.forget_sets) if s.forget_sets else None
         return EvalContext(
             images=images, reference_images=self.retain_images(), reference_name="retain set", step=step,
@@ -87,9 +94,9 @@ class ImageEvaluator:
             sampler=self.sampler, concepts=list(s.likelihood_concepts or s.concepts), concept_names=list(s.concept_names),
             likelihood_reference=s.likelihood_reference, encode=s.from_images, decode=s.to_images)
 
-    def evaluate(self, model, step: int, tag: str) -> tuple[dict, dict]:
+    def evaluate(self, model, step: int, tag: str, samples: torch.Tensor | None = None) -> tuple[dict, dict]:
         """``(scalars, results)``; PNG grids of the evaluated images under ``run_dir/eval``."""
-        ctx = self.context(model, step)
+        ctx = self.context(model, step, samples)
         results = self.suite.evaluate(ctx)
         self.suite.last_images.setdefault("samples", ctx.images)  # the evaluated images, whatever metric ran
         self.suite.save_images(self.run_dir / "eval", prefix=f"{tag}_")

@@ -52,8 +52,8 @@ def retained_share_tv(summary: dict):
 def _metric(summary: dict, key: str):
     if key == "retained_share_tv":
         return retained_share_tv(summary)
-    if key == "min_kl_to_concepts":
-        vals = [c["value"] for c in summary.get("constraints", [])]
+    if key == "min_kl_to_concepts":  # a capped RU run's constraints are capped: its uncapped KLs are in "extra"
+        vals = (summary.get("extra") or {}).get("kl_to_concepts") or [c["value"] for c in summary.get("constraints", [])]
         return min(vals) if vals else None
     v = (summary.get("metrics") or {}).get(key)
     return float(v) if isinstance(v, (int, float)) else None

@@ -238,19 +238,25 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     final = formulation.final_model(mu)
     eval_gen = generator(seed + 999)
     samples = formulation.final_samples(mu, n, eval_gen)
+    own_samples = samples  # not None: the final samples do not come from `final` (RU's importance resampling)
     if samples is None:
         samples = sampler.sample(final, n, eval_gen, cond=setup.cond).x0.detach()
-    pre_samples = sampler.sample(setup.pretrained, n, generator(seed + 999), cond=setup.cond).x0.detach()
+    pre_own = formulation.pretrained_samples(n, generator(seed + 999)) if own_samples is not None else None
+    pre_samples = pre_own if pre_own is not None else \
+        sampler.sample(setup.pretrained, n, generator(seed + 999), cond=setup.cond).x0.detach()
     target = formulation.oracle_target(mu)
     metrics, pre_metrics = {}, {}
     if setup.evaluate is not None:
         metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None)
         pre_metrics = setup.evaluate(pre_samples, None, None)
     metric_info = {}
+    metrics = {**formulation.final_metrics(mu), **metrics}  # e.g. RU's importance-weighted KL; measured ones win
+    if own_samples is not None:
+        pre_metrics = {**formulation.final_metrics(torch.zeros_like(mu)), **pre_metrics}
     if evaluator is not None:
-        suite_metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final")
+        suite_metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final", own_samples)
         metrics = {**metrics, **suite_metrics}
-        pre_metrics = {**pre_metrics, **evaluator.evaluate(setup.pretrained, 0, "pretrained")[0]}
+        pre_metrics = {**pre_metrics, **evaluator.evaluate(setup.pretrained, 0, "pretrained", pre_own)[0]}
         metric_info = {"metric_status": {k: r.get("status") for k, r in results.items()},
                        "metrics_missing": {k: r.get("reason") for k, r in results.items() if r.get("status") != "ok"},
                        "metric_protocols": {k: r.get("protocol") for k, r in results.items() if r.get("protocol")},

@@ -127,6 +127,17 @@ class Formulation:
         """Extra numbers for summary.json (e.g. an importance sampler's effective sample size)."""
         return {}
 
+    def pretrained_samples(self, n: int, generator) -> torch.Tensor | None:
+        """The pretrained model's samples to compare :meth:`final_samples` with, when they come from
+        the same source (RU: the pool at uniform weights); ``None``: sample the pretrained model."""
+        return None
+
+    def final_metrics(self, multipliers: torch.Tensor) -> dict:
+        """Metrics of the unlearned distribution the formulation knows better than a sampler of
+        :meth:`final_model` can measure (e.g. RU's importance-weighted ``kl_to_pretrained`` when its
+        final samples are resampled). A metric measured on the final samples replaces these."""
+        return {}
+
     def final_samples(self, multipliers: torch.Tensor, n: int, generator) -> torch.Tensor | None:
         """Samples of the unlearned distribution when they do not come from ``final_model``."""
         return None

@@ -13,6 +13,14 @@ skipped and each dual step only estimates ``KL(p_rev || q_i)`` and moves ``mu``.
   fixed pool of pretrained samples (log-ratios computed once) the KLs follow by self-normalised
   importance weighting: ``KL(p_rev || q_i) = E_rev[-sum_j c_j llr_j - llr_i] - log E_pre[w]``.
 
+Capped separation (``separation_cap: C``, not in the paper; needs the ratio estimator and
+resampled final samples): each constraint becomes ``KL(p || p_pre) + E_p[min(log p_pre/q_i, C)]
+>= b``, i.e. ``llr_i`` floored at ``-C`` everywhere above. A sample counts as separated from
+concept ``i`` once ``q_i/p_pre <= e^-C``; separating it further earns nothing, so the target
+``p_pre exp(-sum_j c_j max(llr_j, -C))`` is flat on everything already far from every concept
+instead of favouring what the concept models find *least* like a concept (see README, digits).
+``C = None`` is the paper's ``KL(p || q_i)``.
+
 Final samples: ``final_samples: composed`` (the composed-score sampler, or the distilled model)
 or ``resample`` (importance resampling of the pool with ``w``: samples of ``p_rev`` itself).
 Optionally the final composed model is distilled into the weights (``distill_steps``).
@@ -43,6 +51,8 @@ class ReverseKLUnlearning(Formulation):
         self.distilled = False
         self.estimator = str(self.cfg.get("kl_estimator", "path"))
         self.final_mode = str(self.cfg.get("final_samples", "composed"))
+        cap = self.cfg.get("separation_cap")
+        self.cap = None if cap is None else float(cap)
         self._pool = None
 
     @classmethod
@@ -60,11 +70,23 @@ class ReverseKLUnlearning(Formulation):
             if total >= 1.0:
                 raise ConfigError(f"method.multiplier: fixed RU multipliers must sum to < 1 (got {total:.4g} "
                                   f"for {m} concept(s)); accepted: values in [0, 1) whose sum is < 1")
+        cap = cfg.formulation.get("separation_cap")
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+                raise ConfigError(f"formulation.separation_cap must be null (the paper's KL) or a number > 0 "
+                                  f"(nats; got {cap!r})")
+            if est != "ratio" or fin != "resample" or int(cfg.formulation.get("distill_steps", 0) or 0) > 0:
+                raise ConfigError("formulation.separation_cap needs formulation.kl_estimator=ratio, "
+                                  "formulation.final_samples=resample and formulation.distill_steps=0 (the composed "
+                                  f"score samples the uncapped target; got kl_estimator={est}, final_samples={fin}, "
+                                  f"distill_steps={cfg.formulation.get('distill_steps', 0)})")
 
     ESTIMATORS = ("path", "ratio")
     FINALS = ("composed", "resample")
 
     def constraint_names(self):
+        if self.cap is not None:
+            return [f"KL_cap{self.cap:g}(p||q[{n}])" for n in self.setup.concept_names]
         return [f"KL(p||q[{n}])" for n in self.setup.concept_names]
 
     # -- the importance-weighted (ratio) estimator -----------------------------------------------
@@ -83,21 +105,30 @@ class ReverseKLUnlearning(Formulation):
             self._pool = (x, llr.double())
         return self._pool
 
-    def _log_weights(self, mu: torch.Tensor) -> torch.Tensor:
+    def _pool_llr(self) -> torch.Tensor:
+        """The pool's log-ratios the constraints use: floored at ``-separation_cap`` when capped."""
         _, llr = self.pool()
-        c = mu.double() / (1 - float(mu.sum()))
-        return -(llr * c[None]).sum(1)
+        return llr if self.cap is None else llr.clamp(min=-self.cap)
 
-    def _ratio_kl(self, mu: torch.Tensor) -> torch.Tensor:
-        _, llr = self.pool()
-        logw = self._log_weights(mu)
-        w = torch.softmax(logw, 0)
-        log_z = torch.logsumexp(logw, 0) - torch.log(torch.tensor(float(len(logw)), dtype=torch.float64))
+    def _log_weights(self, mu: torch.Tensor) -> torch.Tensor:
+        c = mu.double() / (1 - float(mu.sum()))
+        return -(self._pool_llr() * c[None]).sum(1)
+
+    def _ratio_kl(self, mu: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
+        """``KL(p_rev || p_pre) - E_rev[llr_i]`` at the target of ``mu``: ``KL(p_rev || q_i)`` with the raw
+        log-ratios, the capped separation with the floored ones (the default: what the constraints use)."""
+        llr = self._pool_llr() if llr is None else llr
+        logw, w, log_z = self._weights(mu)
         return ((w[:, None] * (logw[:, None] - llr)).sum(0) - log_z).float()
 
+    def _weights(self, mu):
+        """Log-weights, self-normalised weights and ``log E_pre[w]`` of the pool at ``mu``."""
+        logw = self._log_weights(torch.as_tensor(mu))
+        log_z = torch.logsumexp(logw, 0) - torch.log(torch.tensor(float(len(logw)), dtype=torch.float64))
+        return logw, torch.softmax(logw, 0), log_z
+
     def effective_sample_size(self, mu) -> float:
-        w = torch.softmax(self._log_weights(torch.as_tensor(mu)), 0)
-        return float(1.0 / (w**2).sum())
+        return float(1.0 / (self._weights(mu)[1] ** 2).sum())
 
     def composed(self, mu: torch.Tensor) -> ComposedScore:
         return ComposedScore.reverse_kl(self.setup.pretrained, self.setup.concepts, mu)
@@ -128,18 +159,42 @@ class ReverseKLUnlearning(Formulation):
             return {}
         ess = self.effective_sample_size(multipliers)
         out = {"pool_size": len(self._pool[0]), "effective_sample_size": round(ess, 1)}
+        if self.final_mode == "resample" and not self.distilled:
+            out["kl_to_pretrained_estimator"] = "importance-weighted over the pool: E_rev[log w] - log E_pre[w]"
+        if self.cap is not None:  # the paper's KL(p || q_i) at the capped target, for comparison
+            out["kl_to_concepts"] = [round(float(v), 4) for v in self._ratio_kl(multipliers, self._pool[1])]
         if ess < 0.05 * len(self._pool[0]):
             out["warning"] = ("importance weights are degenerate (ESS < 5% of the pool): the ratio estimates and "
                               "resampled samples are unreliable; raise formulation.pool_size or use kl_estimator=path")
         return out
 
+    def final_metrics(self, multipliers) -> dict:
+        """With resampled final samples the composed score is not what they show: report
+        ``KL(p_rev || p_pre) = E_rev[log w] - log E_pre[w]`` over the pool instead of its pathwise KL."""
+        if self.final_mode != "resample" or self.distilled:
+            return {}
+        logw, w, log_z = self._weights(multipliers)
+        return {"kl_to_pretrained": float((w * logw).sum() - log_z)}
+
     def final_samples(self, multipliers, n: int, generator) -> torch.Tensor | None:
+        """Systematic resampling of the pool: ``n`` evenly spaced quantiles of the weights' CDF from one
+        uniform offset, then one random permutation. Each pool sample appears ``floor`` or ``ceil`` of
+        ``n w_j`` times, so the samples' class shares are the target's over the pool up to ``1/n``
+        (multinomial resampling adds a sampling error of ``sqrt(share / n)``). With the same generator
+        state :meth:`pretrained_samples` draws the same quantiles at uniform weights: pretrained and
+        unlearned samples are paired, like two samplers started from the same noise."""
         if self.final_mode != "resample" or self.distilled:
             return None
         x, _ = self.pool()
-        w = torch.softmax(self._log_weights(multipliers), 0)
-        idx = torch.multinomial(w.float(), n, replacement=True, generator=generator)
-        return x[idx]
+        w = self._weights(multipliers)[1]
+        u = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
+        cdf = torch.cumsum(w, 0)
+        idx = torch.searchsorted(cdf, u * cdf[-1]).clamp(max=len(w) - 1)
+        return x[idx[torch.randperm(n, generator=generator)]]
+
+    def pretrained_samples(self, n: int, generator) -> torch.Tensor | None:
+        """The pool itself at uniform weights, resampled like :meth:`final_samples` (paired with it)."""
+        return self.final_samples(torch.zeros(self.num_constraints), n, generator)
 
     def project(self, mu):
         s = float(mu.sum())

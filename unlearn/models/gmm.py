@@ -173,7 +173,8 @@ class GMMOracle:
 
     FORMULATIONS = ("ru", "fu", "lu")
 
-    def __init__(self, gmm: GaussianMixture, unlearn: Sequence[int], grid_size: int = 256):
+    def __init__(self, gmm: GaussianMixture, unlearn: Sequence[int], grid_size: int = 256,
+                 ru_cap: float | None = None):
         if gmm.dim > 2:
             raise ValueError("the grid oracle supports dim 1 or 2")
         self.gmm = gmm
@@ -183,6 +184,9 @@ class GMMOracle:
         self.retained = gmm.subset(self.retain) if self.retain else None
         self.grid_size = grid_size
         self._grids: dict = {}
+        if ru_cap is not None and not float(ru_cap) > 0:
+            raise ValueError(f"ru_cap must be > 0 or None (got {ru_cap})")
+        self.ru_cap = None if ru_cap is None else float(ru_cap)
 
     # -- grids -------------------------------------------------------------------------------
     def grid(self, spread: float = 1.0) -> Grid:
@@ -215,6 +219,19 @@ class GMMOracle:
     def likelihood(self, x):
         return torch.exp(self.log_l(x))
 
+    def ru_log_ratio(self, x):
+        """RU's per-point log-ratios ``log q_i - log p_pre``, floored at ``-ru_cap`` when capped
+        (capped separation: ``KL(p || p_pre) + E_p[min(log p_pre / q_i, cap)]``)."""
+        llr = self.log_l(x)
+        return llr if self.ru_cap is None else llr.clamp(min=-self.ru_cap)
+
+    def _ru_log_target(self, x, mu: torch.Tensor):
+        """Unnormalised log of the RU target ``p_pre exp(-sum_j c_j llr_j)``, ``c = mu / (1 - mu_bar)``."""
+        mu_bar = float(mu.sum())
+        if self.ru_cap is None:  # the same, written without the ratio
+            return (self.log_pre(x) - (self.log_q(x) * mu[None]).sum(1)) / (1 - mu_bar)
+        return self.log_pre(x) - (self.ru_log_ratio(x) * (mu / (1 - mu_bar))[None]).sum(1)
+
     # -- targets -----------------------------------------------------------------------------
     def target_log_density(self, formulation: str, multipliers, grid: Grid | None = None):
         """Normalised log-density of the exact optimal target on a grid; returns (grid, logp)."""
@@ -226,8 +243,7 @@ class GMMOracle:
             if mu_bar >= 1:
                 raise ValueError(f"RU target needs sum of multipliers < 1 (got {mu_bar})")
             grid = grid or self.grid(self._ru_spread(mu))
-            x = grid.points
-            logp = (self.log_pre(x) - (self.log_q(x) * mu[None]).sum(1)) / (1 - mu_bar)
+            logp = self._ru_log_target(grid.points, mu)
         elif formulation == "lu":
             grid = grid or self.grid()
             x = grid.points
@@ -247,7 +263,10 @@ class GMMOracle:
         """The constraint quantities of each problem, evaluated at its exact target."""
         grid, logp = self.target_log_density(formulation, multipliers)
         x = grid.points
-        if formulation == "ru":  # KL(p_rev || q_i)
+        if formulation == "ru":  # KL(p_rev || q_i), or its capped form
+            if self.ru_cap is not None:
+                kl_pre = grid.kl(logp, grid.normalize_log(self.log_pre(x)))
+                return (kl_pre - grid.expect(logp, self.ru_log_ratio(x))).numpy()
             return np.array([grid.kl(logp, grid.normalize_log(q.log_prob(x))) for q in self.concepts])
         if formulation == "lu":  # E_p[l_i]
             return grid.expect(logp, self.likelihood(x)).numpy()
@@ -272,8 +291,7 @@ class GMMOracle:
         if formulation == "ru":
             mu_bar = mu.sum()
             grid = self.grid(self._ru_spread(mu))
-            x = grid.points
-            logr = (self.log_pre(x) - (self.log_q(x) * torch.as_tensor(mu)[None]).sum(1)) / (1 - mu_bar)
+            logr = self._ru_log_target(grid.points, torch.as_tensor(mu))
             logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
             val = -(1 - mu_bar) * logz + mu @ b
             grad = b - self.constraint_values("ru", mu)

@@ -126,7 +126,8 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSe
         p.requires_grad_(True)
     model.train()
 
-    oracle = GMMOracle(gmm, unlearn) if gmm.dim <= 2 else None
+    ru_cap = cfg.formulation.get("separation_cap") if str(cfg.formulation.get("name")) == "ru" else None
+    oracle = GMMOracle(gmm, unlearn, ru_cap=ru_cap) if gmm.dim <= 2 else None
     g = generator(int(cfg.seed) + 12345)
     n_forget = int(cfg.formulation.get("forget_samples", 256))
     forget_sets = [gmm.subset([i]).sample(n_forget, g) for i in unlearn]
