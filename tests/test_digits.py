@@ -141,3 +141,16 @@ def test_duplicated_forget_images_make_a_different_cached_model(tmp_path):
     pretrain_digits(base, tmp_path, show_progress=False)
     pretrain_digits(dup, tmp_path, show_progress=False)
     assert len(list(tmp_path.glob("digits_unet_*.pt"))) == 2
+
+
+@pytest.mark.parametrize("experiment,cap,factors", [("digits_ru", 1.0, [1.15, 1.3, 1.45, 1.6, 1.75]),
+                                                     ("digits_ru_paper", None, [1.3, 1.6, 2.0, 2.5, 3.0])])
+def test_digits_ru_presets_compose_and_validate(experiment, cap, factors):
+    """The capped preset and the paper's uncapped one: same model and estimator, their own constraint."""
+    from unlearn.config import validate_config
+
+    cfg = compose_cfg([f"experiment={experiment}", "experiment.strength=1"], tiny=False)
+    validate_config(cfg)
+    assert (cfg.model.name, cfg.formulation.name, cfg.formulation.kl_estimator) == ("digits", "ru", "ratio")
+    assert cfg.formulation.separation_cap == cap and list(cfg.experiment.threshold_factors) == factors
+    assert cfg.formulation.threshold_factor == factors[1] and list(cfg.model.classes.unlearn) == [1, 7]

@@ -179,8 +179,8 @@ class ReverseKLUnlearning(Formulation):
     def final_samples(self, multipliers, n: int, generator) -> torch.Tensor | None:
         """Systematic resampling of the pool: ``n`` evenly spaced quantiles of the weights' CDF from one
         uniform offset, then one random permutation. Each pool sample appears ``floor`` or ``ceil`` of
-        ``n w_j`` times, so the samples' class shares are the target's over the pool up to ``1/n``
-        (multinomial resampling adds a sampling error of ``sqrt(share / n)``). With the same generator
+        ``n w_j`` times, so the samples follow the weighted pool almost exactly (multinomial resampling
+        adds a sampling error of about ``sqrt(share / n)`` to every class share). With the same generator
         state :meth:`pretrained_samples` draws the same quantiles at uniform weights: pretrained and
         unlearned samples are paired, like two samplers started from the same noise."""
         if self.final_mode != "resample" or self.distilled:
