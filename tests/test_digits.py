@@ -42,7 +42,8 @@ def test_concept_scorer_reads_the_digit_and_clamps_nothing_away():
 def test_digits_runs_with_the_evaluation_network_as_metric_models(formulation, tmp_path):
     from unlearn.train import train
 
-    s = train(compose_cfg(["model=digits", f"formulation={formulation}", "num_threads=1"]), tmp_path)
+    extra = ["metrics.eval_every=2"] if formulation == "ru" else []
+    s = train(compose_cfg(["model=digits", f"formulation={formulation}", "num_threads=1", *extra]), tmp_path)
     assert s["status"] == "completed"
     st = s["metric_status"]
     assert st["kid"] == "ok" and st["clip"] == "ok"  # the evaluation network, through the suite's interfaces
@@ -63,6 +64,9 @@ def test_digits_runs_with_the_evaluation_network_as_metric_models(formulation, t
         # pathwise KL is not what they show -> skipped, replaced by the pool's importance-weighted KL
         assert st["kl"] == "skipped" and s["extra"]["kl_to_pretrained_estimator"].startswith("importance")
         assert np.isfinite(m["kl_to_pretrained"]) and m["kl_to_pretrained"] >= 0
+        steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        evals = [r["eval"] for r in steps if r.get("eval")]  # metrics.eval_every=2: the same during training
+        assert evals and all("clip" in e and "kl_to_pretrained" not in e for e in evals)
     else:
         assert st["kl"] == "ok"
     assert (tmp_path / "samples.png").exists() and (tmp_path / "eval" / "final_samples.png").exists()

@@ -67,7 +67,7 @@ class PrimalDual:
         self.logger, self.show, self.log_every = logger, show_progress, max(1, int(log_every))
         self.checkpoint_every, self.checkpoint = max(0, int(checkpoint_every)), checkpoint
         self.history: list[dict] = []
-        self.on_step = on_step  # on_step(step, model) -> dict of evaluation numbers (or None), logged with the step
+        self.on_step = on_step  # on_step(step, model, multipliers) -> dict of evaluation numbers (or None), logged with the step
         self.step = 0
         self.elapsed = 0.0
 
@@ -221,7 +221,8 @@ class PrimalDual:
                 self._check(step, "constraint", names, values)
                 self.mu.update(self.f.violation(values, thr))
             self._check(step, "multiplier", names, self.mu.value())
-            evaluation = self.on_step(step, self.f.final_model(self.mu.value())) if self.on_step else None
+            mu_now = self.mu.value()
+            evaluation = self.on_step(step, self.f.final_model(mu_now), mu_now) if self.on_step else None
             self.step, self.values, self.elapsed = step, values, time.time() - t0
             self._record(step, losses, values if estimated else None, thr, mu, self.elapsed, evaluation)
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),

@@ -160,10 +160,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         evaluator = ImageEvaluator(cfg, setup, sampler, run_dir)  # metrics.strict: fails here, before training
         evaluator = evaluator if evaluator.active else None
 
-    def on_step(step, model):
+    def on_step(step, model, mu):
         if evaluator is None or not evaluator.due(step):
             return None
-        return evaluator.evaluate(model, step, f"step{step:05d}")[0]
+        # RU's resampled samples at the current multipliers, like the final evaluation's (None: sample `model`)
+        own = formulation.final_samples(mu, int(cfg.metrics.num_images), generator(seed + 999))
+        return evaluator.evaluate(model, step, f"step{step:05d}", own)[0]
 
     stable_info, volatile_info = split_volatile(setup.info)
     r_hash = resume_hash(resolved)
