@@ -227,10 +227,7 @@ class GMMOracle:
 
     def _ru_log_target(self, x, mu: torch.Tensor):
         """Unnormalised log of the RU target ``p_pre exp(-sum_j c_j llr_j)``, ``c = mu / (1 - mu_bar)``."""
-        mu_bar = float(mu.sum())
-        if self.ru_cap is None:  # the same, written without the ratio
-            return (self.log_pre(x) - (self.log_q(x) * mu[None]).sum(1)) / (1 - mu_bar)
-        return self.log_pre(x) - (self.ru_log_ratio(x) * (mu / (1 - mu_bar))[None]).sum(1)
+        return self.log_pre(x) - (self.ru_log_ratio(x) * (mu / (1 - float(mu.sum())))[None]).sum(1)
 
     # -- targets -----------------------------------------------------------------------------
     def target_log_density(self, formulation: str, multipliers, grid: Grid | None = None):
@@ -263,11 +260,9 @@ class GMMOracle:
         """The constraint quantities of each problem, evaluated at its exact target."""
         grid, logp = self.target_log_density(formulation, multipliers)
         x = grid.points
-        if formulation == "ru":  # KL(p_rev || q_i), or its capped form
-            if self.ru_cap is not None:
-                kl_pre = grid.kl(logp, grid.normalize_log(self.log_pre(x)))
-                return (kl_pre - grid.expect(logp, self.ru_log_ratio(x))).numpy()
-            return np.array([grid.kl(logp, grid.normalize_log(q.log_prob(x))) for q in self.concepts])
+        if formulation == "ru":  # KL(p_rev || q_i) = KL(p_rev || p_pre) - E_rev[llr_i], or its capped form
+            kl_pre = grid.kl(logp, grid.normalize_log(self.log_pre(x)))
+            return (kl_pre - grid.expect(logp, self.ru_log_ratio(x))).numpy()
         if formulation == "lu":  # E_p[l_i]
             return grid.expect(logp, self.likelihood(x)).numpy()
         # fu: KL(q_i || p_fw)
