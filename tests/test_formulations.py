@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from unlearn.dual import DualAscent, FixedMultipliers
-from unlearn.formulations.ru import ReverseKLUnlearning
+from unlearn.formulations.ru import Pool, ReverseKLUnlearning
 from unlearn.models.gmm import ExactGMMScore, GaussianMixture, GMMOracle
 from unlearn.models.gmm_setup import GMMEvaluator
 from unlearn.primal_dual import PrimalDual
@@ -63,7 +63,7 @@ def test_ru_resampling_is_systematic_and_paired_with_the_pretrained_samples():
     x = torch.randn(200, 2, generator=g, dtype=torch.float64)
     llr = torch.randn(200, 2, generator=g, dtype=torch.float64) * 2
     llr[100:] = -3.0  # half the pool: equal log-ratios, so equal weights there
-    f._pool = (x, llr)
+    f._pool = f._pre_pool = Pool.pretrained(x, llr)
     mu = torch.tensor([0.2, 0.1])
     n = 1000
     w = f._weights(mu)[1]

@@ -141,6 +141,12 @@ def read_run_info(run_dir: Path) -> dict | None:
     return info
 
 
+# summary.json statuses of a run that reached its end (with model.pt): every constraint met and the
+# estimators reliable; a constrained run that ended outside its constraints; estimates that did not
+# hold at the final multipliers. "diverged" and "failed" runs have no result.
+FINISHED = ("completed", "constraints_violated", "unreliable")
+
+
 def inspect_run_dir(run_dir: Path, resolved: dict, resume: str, dual_steps: int) -> dict | None:
     """Decide what to do with ``run_dir`` before anything is written to it.
 
@@ -188,7 +194,7 @@ def inspect_run_dir(run_dir: Path, resolved: dict, resume: str, dual_steps: int)
     if ckpt is not None and int(ckpt["step"]) == int(dual_steps) and info.get("result_hash") == result_hash(resolved):
         try:
             s = json.loads((run_dir / "summary.json").read_text())
-            completed = s.get("status") == "completed" and (run_dir / "model.pt").exists()
+            completed = s.get("status") in FINISHED and (run_dir / "model.pt").exists()
         except Exception:
             completed = False
     return {"checkpoint": ckpt, "completed": completed}

@@ -1,9 +1,10 @@
 """Sweep aggregation and the paper's GMM figures, from local run directories only.
 
 A sweep directory holds one sub-directory per job with ``config.yaml`` and ``summary.json``
-(``status`` "completed", "diverged" or "failed"). :func:`collect` turns them into rows,
-:func:`write_csv` writes the table next to the figure, :func:`plot_tradeoff` draws constrained
-vs baseline and marks the points that have no result (diverged: purple, failed: red).
+(``status`` "completed", "constraints_violated", "unreliable", "diverged" or "failed"). :func:`collect`
+turns them into rows, :func:`write_csv` writes the table next to the figure, :func:`plot_tradeoff` draws
+constrained vs baseline, rings the points that ended outside their constraints or with unreliable
+estimates, and marks the points that have no result (diverged: purple, failed: red).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from .checkpoint import FINISHED
 
 LABELS = {
     "expected_likelihood": "expected unlearning likelihood E_p[q/p_pre] (estimated; exactly 1 for the pretrained model)",
@@ -84,7 +87,7 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
             row["error"] = f"diverged at dual step {d.get('step')}: {d.get('quantity')} = {d.get('value')}"
             row.update(diverged_step=d.get("step"), diverged_quantity=d.get("quantity"),
                        checkpoint_step=s.get("checkpoint_step"))
-        if row["status"] == "completed":
+        if row["status"] in FINISHED:
             row["x"], row["y"] = _metric(s, x), _metric(s, y)
             for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target",
                       "kl_retained_part"):
@@ -140,7 +143,7 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
     missing = []
     for method, st in STYLE.items():
         pts = [r for r in rows if r["method"] == method]
-        ok = sorted([r for r in pts if r["status"] == "completed" and r["x"] is not None and r["y"] is not None],
+        ok = sorted([r for r in pts if r["status"] in FINISHED and r["x"] is not None and r["y"] is not None],
                     key=lambda r: r["x"])
         missing += [r for r in pts if r not in ok]
         if ok:
@@ -149,6 +152,11 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
                 lab = f"b={r['threshold_factor']:g}" if method == "constrained" else f"w={r['fixed_weight']:g}"
                 ax.annotate(lab, (r["x"], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=st["color"])
+            flagged = [r for r in ok if r["status"] != "completed"]
+            if flagged:  # a result, but outside its constraints or with estimates that did not hold
+                ax.plot([r["x"] for r in flagged], [r["y"] for r in flagged], linestyle="none", marker="o",
+                        markersize=11, markerfacecolor="none", color="black",
+                        label=f"{method}: outside constraints / unreliable ({len(flagged)})")
     # points without a result are marked, not dropped: diverged runs in purple, failed ones in red
     diverged = [r for r in missing if r["status"] == "diverged"]
     failed = [r for r in missing if r["status"] != "diverged"]
@@ -310,7 +318,7 @@ def density_panels(sweep_dir: Path, rows: list[dict], out_stem: Path, title: str
     from .models.gmm import GaussianMixture, GMMOracle
     from .models.gmm_setup import GMMEvaluator
 
-    done = [r for r in rows if r["status"] == "completed" and r["x"] is not None]
+    done = [r for r in rows if r["status"] in FINISHED and r["x"] is not None]
     cons = sorted([r for r in done if r["method"] == "constrained"], key=lambda r: r["x"])
     base = [r for r in done if r["method"] == "baseline"]
     if not cons or not base:

@@ -127,7 +127,7 @@ class PrimalDual:
             k, v = bad
             raise Diverged(step, "loss" if k == "loss" else f"loss ({k})", v)
 
-    def _record(self, step, losses, values, thresholds, mu, elapsed, evaluation=None):
+    def _record(self, step, losses, values, thresholds, mu, elapsed, evaluation=None, diagnostics=None):
         names = self.f.constraint_names()
         rec = {
             "losses": losses,
@@ -139,6 +139,8 @@ class PrimalDual:
         }
         if evaluation:
             rec["eval"] = evaluation
+        if diagnostics:
+            rec["diagnostics"] = diagnostics
         self.history.append({"step": step, **rec})
         if self.logger is not None and (step % self.log_every == 0 or step == self.dual_steps):
             self.logger.log(step, rec)
@@ -219,25 +221,32 @@ class PrimalDual:
             values = dist.mean(self.f.estimate(mu)) if estimated else self.values
             if estimated:
                 self._check(step, "constraint", names, values)
-                self.mu.update(self.f.violation(values, thr))
+                jac = self.f.dual_jacobian(mu) if getattr(self.mu, "rule", "plain") == "newton" else None
+                self.mu.update(self.f.violation(values, thr), jacobian=jac, trusted=self.f.trusted,
+                               recenter=self.f.recenter)
             self._check(step, "multiplier", names, self.mu.value())
             mu_now = self.mu.value()
             evaluation = self.on_step(step, self.f.final_model(mu_now), mu_now) if self.on_step else None
             self.step, self.values, self.elapsed = step, values, time.time() - t0
-            self._record(step, losses, values if estimated else None, thr, mu, self.elapsed, evaluation)
+            self._record(step, losses, values if estimated else None, thr, mu, self.elapsed, evaluation,
+                         self.f.step_diagnostics(mu_now))
             bar.set_postfix(c=", ".join(f"{float(v):.3g}/{float(b):.3g}" for v, b in zip(values, thr)),
                             mu=", ".join(f"{float(m):.3g}" for m in self.mu.value()), refresh=False)
             if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.dual_steps:
                 self._save()
         if resume is None or int(resume["step"]) < self.dual_steps:
             self._save()  # the end of the dual steps (before finalize, so a run can be extended)
-        values = self.values
         final_mu = self.final_mu()
         averaged = self._load_primal_average()
         extra = self.f.finalize(final_mu)
         if averaged:
             extra = {**extra, "primal_average_of": averaged}
-        if extra or self.final_multipliers == "average":  # the model changed since the last estimate
-            values = dist.mean(self.f.final_estimate(final_mu))
+        # the delivered model at the final multipliers, estimated after the last update (never the
+        # value the last dual step saw, which belongs to the multipliers before it)
+        values = dist.mean(self.f.final_estimate(final_mu))
+        self._check(self.dual_steps, "final constraint", names, values)
         self.final_values = values
+        osc = self.mu.oscillation([[h["multipliers"][n] for n in names] for h in self.history])
+        if osc:
+            extra = {**extra, "dual": osc}
         return final_mu, values, thr, extra

@@ -279,9 +279,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     tol = float(cfg.train.satisfied_tol)
     sat = formulation.satisfied(values, thr, tol)
     names = formulation.constraint_names()
+    status, verdict = outcome(sat, names, formulation.reliability(mu), multipliers.learnable, tol)
     summary = {
         **head,
-        "status": "completed",
+        "status": status,
+        "verdict": verdict,
+        "constraints_met": all(sat),
         "constraints": [{"name": nm, "value": float(v), "threshold": float(b), "pretrained": float(p),
                          "satisfied": s, "sense": ">=" if formulation.sense == "ge" else "<="}
                         for nm, v, b, p, s in zip(names, values, thr, driver.pretrained_values, sat)],
@@ -302,10 +305,28 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                  "multipliers": setup.oracle.optimal_multipliers(formulation.name, exact_b).tolist()}
         except ValueError as exc:
             summary["oracle"] = {"error": str(exc)}
-    finish(summary, "completed")
+    finish(summary, status)
     if show:
         print_summary(summary, run_dir, wall_time_s=time.time() - t_start)
     return summary
+
+
+def outcome(satisfied: list[bool], names: list[str], unreliable: str | None, constrained: bool,
+            tol: float) -> tuple[str, str]:
+    """The run's status and its one-line verdict about the delivered model.
+
+    ``unreliable``: a formulation's estimates did not hold at the final multipliers (its reason);
+    ``constraints_violated``: a constrained run ended outside some constraint (beyond ``tol``);
+    ``completed``: otherwise. A baseline (fixed multipliers) only monitors its constraints, so a
+    violated one is reported in the verdict but does not change its status."""
+    bad = [n for n, ok in zip(names, satisfied) if not ok]
+    if unreliable is not None:
+        return "unreliable", f"UNRELIABLE: {unreliable}"
+    if bad and constrained:
+        return "constraints_violated", (f"CONSTRAINTS VIOLATED beyond train.satisfied_tol={tol:g}: {', '.join(bad)}")
+    if bad:
+        return "completed", f"baseline (fixed multipliers): {len(bad)} of {len(names)} constraints not met: {', '.join(bad)}"
+    return "completed", f"every constraint met (within train.satisfied_tol={tol:g})"
 
 
 def print_summary(summary: dict, run_dir: Path, file=sys.stdout, wall_time_s: float | None = None):
@@ -317,6 +338,12 @@ def print_summary(summary: dict, run_dir: Path, file=sys.stdout, wall_time_s: fl
                      f"{c['pretrained']:>12.4g}  {'yes' if c['satisfied'] else 'NO ':<4} {m:.4g}")
     if summary.get("oracle") and "multipliers" in summary["oracle"]:
         lines.append(f"oracle optimal multipliers: {[round(v, 4) for v in summary['oracle']['multipliers']]}")
+    if summary.get("verdict"):
+        lines.append(f"verdict: {summary['verdict']}")
+    dual = (summary.get("extra") or {}).get("dual") or {}
+    if dual.get("oscillating"):
+        lines.append(f"dual ascent oscillated over the second half (sign-flip share {dual['sign_flip_share']}, "
+                     f"multiplier spread {dual['multiplier_spread']})")
     met = summary.get("metrics") or {}
     pre = summary.get("pretrained_metrics") or {}
     keys = [k for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target")

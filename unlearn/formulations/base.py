@@ -96,6 +96,37 @@ class Formulation:
     def project(self, mu: torch.Tensor) -> torch.Tensor:
         return mu
 
+    def value_jacobian(self, multipliers: torch.Tensor) -> torch.Tensor | None:
+        """``d value_i / d mu_j`` at the target of ``multipliers`` as the last :meth:`estimate` saw it
+        (the dual's curvature, for :class:`~unlearn.dual.DualAscent`'s Newton rule); ``None``: unknown."""
+        return None
+
+    def dual_jacobian(self, multipliers: torch.Tensor) -> torch.Tensor | None:
+        """``d violation / d mu`` (``None``: unknown): :meth:`value_jacobian` with the constraints' sense."""
+        j = self.value_jacobian(multipliers)
+        if j is None:
+            return None
+        return -j if self.sense == "ge" else j
+
+    def trusted(self, multipliers: torch.Tensor) -> bool:
+        """Whether this formulation's constraint estimates hold at ``multipliers`` (e.g. RU's importance
+        weights keep enough effective samples there). The dual rule keeps its iterates where they do."""
+        return True
+
+    def recenter(self, multipliers: torch.Tensor) -> bool:
+        """Move the estimators to ``multipliers`` where :meth:`trusted` fails there (e.g. RU's pool drawn
+        anew at that target); returns whether they are trusted now. Default: cannot."""
+        return False
+
+    def step_diagnostics(self, multipliers: torch.Tensor) -> dict:
+        """Numbers logged with each dual step (e.g. the effective sample size of importance weights)."""
+        return {}
+
+    def reliability(self, multipliers: torch.Tensor) -> str | None:
+        """``None`` when the final estimates can be trusted at ``multipliers``, else one line saying
+        why not and which setting to change; such a run is reported ``unreliable``, never as met."""
+        return None
+
     def baseline_multipliers(self, value) -> torch.Tensor:
         v = torch.as_tensor(value, dtype=torch.float32).flatten()
         if v.numel() == 1:

@@ -126,12 +126,27 @@ class LikelihoodUnlearning(Formulation):
 
     def _expected_likelihood(self, model, n: int | None = None) -> torch.Tensor:
         n, b = int(n or self.cfg.batch_size), int(self.cfg.batch_size)
-        total = 0.0
+        parts = []
         for k in range(0, n, b):  # batches of batch_size (memory), one mean
             x = self.sampler.sample(model, min(b, n - k), self.gen, cond=self.setup.cond).x0
             with torch.no_grad():
-                total = total + self.likelihood(x).sum(0)
-        return total / n
+                parts.append(self.likelihood(x).detach().double().cpu())
+        self._last_l = torch.cat(parts)  # per-sample l of the last estimate (its spread: the dual's curvature)
+        return self._last_l.mean(0).float()
+
+    def value_jacobian(self, multipliers):
+        """``d E[l_i] / d lam_j = -Cov(l_i, l_j)`` at the target ``p_pre exp(-sum lam l) / Z`` (an
+        exponential family in ``lam``), estimated by the covariance of the last estimate's samples."""
+        l = getattr(self, "_last_l", None)
+        if l is None or len(l) < 2:
+            return None
+        c = l - l.mean(0, keepdim=True)
+        return -(c.T @ c) / (len(l) - 1)
+
+    def standard_error(self) -> torch.Tensor | None:
+        """Standard error of each entry of the last estimate."""
+        l = getattr(self, "_last_l", None)
+        return None if l is None or len(l) < 2 else l.std(0) / len(l) ** 0.5
 
     def pretrained_values(self):
         return self._expected_likelihood(self.setup.pretrained)

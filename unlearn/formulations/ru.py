@@ -27,6 +27,9 @@ Optionally the final composed model is distilled into the weights (``distill_ste
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from ..config import ConfigError
@@ -34,6 +37,38 @@ from ..estimators import pathwise_kl, trajectory_kl
 from ..models.base import ComposedScore
 from ..utils import progress
 from .base import Formulation
+
+
+@dataclass
+class Pool:
+    """Samples ``x`` of the target at ``c0`` (normalised log-weights ``base``; ``log Z(c0) = log_z0``)
+    with their log-ratios ``llr``. The target at ``c`` is ``p_pre exp(-c . tilt) / Z(c)``, so over the
+    pool its weights are ``base - (c - c0) . tilt`` and ``log Z(c) = log_z0 + logsumexp`` of those.
+    A pool of pretrained samples has ``c0 = 0``, uniform weights and ``log_z0 = 0``."""
+
+    x: torch.Tensor
+    llr: torch.Tensor
+    base: torch.Tensor
+    c0: torch.Tensor
+    log_z0: float
+
+    @classmethod
+    def pretrained(cls, x: torch.Tensor, llr: torch.Tensor) -> "Pool":
+        n = len(x)
+        return cls(x=x, llr=llr, base=torch.full((n,), -math.log(n), dtype=torch.float64),
+                   c0=torch.zeros(llr.shape[1], dtype=torch.float64), log_z0=0.0)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def weights(self, c: torch.Tensor, tilt: torch.Tensor):
+        """``(log w, w, log Z(c))``: self-normalised (log-)weights at ``c``; differentiable in ``c``."""
+        logw = self.base - (tilt * (c - self.c0)[None]).sum(1)
+        lse = torch.logsumexp(logw, 0)
+        return logw - lse, torch.softmax(logw, 0), self.log_z0 + lse
+
+    def state_dict(self) -> dict:
+        return {"x": self.x.detach().cpu(), "llr": self.llr, "base": self.base, "c0": self.c0, "log_z0": self.log_z0}
 
 
 class ReverseKLUnlearning(Formulation):
@@ -53,7 +88,8 @@ class ReverseKLUnlearning(Formulation):
         self.final_mode = str(self.cfg.get("final_samples", "composed"))
         cap = self.cfg.get("separation_cap")
         self.cap = None if cap is None else float(cap)
-        self._pool = None
+        self._pool = self._pre_pool = None
+        self.refreshes, self.refresh_log = 0, []
 
     @classmethod
     def check_config(cls, cfg, fixed):
@@ -90,45 +126,130 @@ class ReverseKLUnlearning(Formulation):
         return [f"KL(p||q[{n}])" for n in self.setup.concept_names]
 
     # -- the importance-weighted (ratio) estimator -----------------------------------------------
-    def pool(self):
-        """Pretrained samples and their log-ratios ``llr_j = log q_j - log p_pre`` (computed once)."""
-        if self._pool is None:
-            from ..estimators import log_likelihood_ratio
+    def _log_ratios(self, x: torch.Tensor) -> torch.Tensor:
+        """``llr_j(x) = log q_j(x) - log p_pre(x)`` (Lemma 2), shape (N, m), float64."""
+        from ..estimators import log_likelihood_ratio
 
+        with torch.no_grad():
+            llr = log_likelihood_ratio(x, self.setup.concepts, self.setup.pretrained,
+                                       num_timesteps=int(self.cfg.get("likelihood_timesteps", 32)),
+                                       generator=self.gen, cond_q=self.setup.concept_conds or None,
+                                       cond_p=self.setup.cond)
+        return llr.double()
+
+    def pool(self) -> Pool:
+        """The samples the ratio estimates weight: first ``pool_size`` pretrained samples with their
+        log-ratios (drawn once); after a re-centring (:meth:`recenter`), SMC samples of the target."""
+        if self._pool is None:
             n = int(self.cfg.get("pool_size", 4096))
             x = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
-            with torch.no_grad():
-                llr = log_likelihood_ratio(x, self.setup.concepts, self.setup.pretrained,
-                                           num_timesteps=int(self.cfg.get("likelihood_timesteps", 32)),
-                                           generator=self.gen, cond_q=self.setup.concept_conds or None,
-                                           cond_p=self.setup.cond)
-            self._pool = (x, llr.double())
+            self._pool = self._pre_pool = Pool.pretrained(x, self._log_ratios(x))
         return self._pool
 
-    def _pool_llr(self) -> torch.Tensor:
-        """The pool's log-ratios the constraints use: floored at ``-separation_cap`` when capped."""
-        _, llr = self.pool()
-        return llr if self.cap is None else llr.clamp(min=-self.cap)
+    def _coef(self, mu: torch.Tensor) -> torch.Tensor:
+        """``c = mu / (1 - mu_bar)``: the target is ``p_pre exp(-sum_j c_j llr_j) / Z``."""
+        mu = torch.as_tensor(mu).double()
+        return mu / (1 - mu.sum())
 
-    def _log_weights(self, mu: torch.Tensor) -> torch.Tensor:
-        c = mu.double() / (1 - float(mu.sum()))
-        return -(self._pool_llr() * c[None]).sum(1)
+    def _tilt(self, pool: Pool) -> torch.Tensor:
+        """The pool's log-ratios the target tilts by: floored at ``-separation_cap`` when capped."""
+        return pool.llr if self.cap is None else pool.llr.clamp(min=-self.cap)
+
+    def _weights(self, mu, pool: Pool | None = None):
+        """Self-normalised log-weights and weights of the pool at ``mu``, and ``log Z(mu)``."""
+        pool = pool or self.pool()
+        return pool.weights(self._coef(mu), self._tilt(pool))
 
     def _ratio_kl(self, mu: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
         """``KL(p_rev || p_pre) - E_rev[llr_i]`` at the target of ``mu``: ``KL(p_rev || q_i)`` with the raw
         log-ratios, the capped separation with the floored ones (the default: what the constraints use)."""
-        llr = self._pool_llr() if llr is None else llr
-        logw, w, log_z = self._weights(mu)
-        return ((w[:, None] * (logw[:, None] - llr)).sum(0) - log_z).float()
-
-    def _weights(self, mu):
-        """Log-weights, self-normalised weights and ``log E_pre[w]`` of the pool at ``mu``."""
-        logw = self._log_weights(torch.as_tensor(mu))
-        log_z = torch.logsumexp(logw, 0) - torch.log(torch.tensor(float(len(logw)), dtype=torch.float64))
-        return logw, torch.softmax(logw, 0), log_z
+        return self._ratio_kl_t(torch.as_tensor(mu).detach(), llr).float()
 
     def effective_sample_size(self, mu) -> float:
         return float(1.0 / (self._weights(mu)[1] ** 2).sum())
+
+    def _ratio_active(self) -> bool:
+        return self.estimator == "ratio" and not self.distilled
+
+    def min_ess(self) -> float:
+        """The smallest effective sample size of the pool's weights at which the ratio estimates are
+        trusted (``formulation.min_ess`` times the pool size)."""
+        return float(self.cfg.get("min_ess", 0.05)) * len(self.pool())
+
+    def value_jacobian(self, multipliers):
+        """Exact on the pool: the ratio estimates are smooth functions of ``mu`` (autograd)."""
+        if not self._ratio_active():
+            return None
+        mu = torch.as_tensor(multipliers, dtype=torch.float64).detach()
+        return torch.autograd.functional.jacobian(lambda m: self._ratio_kl_t(m), mu)
+
+    def _ratio_kl_t(self, mu: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable in ``mu``: ``E_mu[-c . tilt - llr_i] - log Z(mu)`` over the pool."""
+        pool = self.pool()
+        tilt = self._tilt(pool)
+        llr = tilt if llr is None else llr
+        c = self._coef(mu)
+        _, w, log_z = pool.weights(c, tilt)
+        return (w[:, None] * (-(tilt * c[None]).sum(1, keepdim=True) - llr)).sum(0) - log_z
+
+    def can_recenter(self, final: bool = False) -> bool:
+        return (self.cap is None and str(self.cfg.get("pool_refresh", "smc")) == "smc" and self._ratio_active()
+                and (final or self.refreshes < int(self.cfg.get("max_pool_refreshes", 8))))
+
+    def final_estimate(self, multipliers):
+        """The delivered target's values, from a pool re-centred on it where the last one's weights have spread."""
+        self.recenter(multipliers, final=True)
+        return self.estimate(multipliers)
+
+    def recenter(self, multipliers, final: bool = False) -> bool:
+        """Re-centre the pool on the target of ``multipliers`` once its weights there have spread
+        (effective sample size below ``recenter_below`` of the pool): ``pool_refresh: smc`` draws
+        ``pool_size`` weighted samples of ``p_pre^{1+c} prod q_i^{-c_i}`` by sequential Monte Carlo along
+        the sampler (:func:`~unlearn.smc.product_smc`, which also estimates ``log Z``) and computes their
+        log-ratios; later estimates weight that pool. Only the paper's (uncapped) target is such a
+        product. A draw whose own weights are degenerate is discarded. Returns whether the pool moved."""
+        if self._pool is None or not self.can_recenter(final):
+            return False
+        mu = torch.as_tensor(multipliers).double()
+        if self.effective_sample_size(mu) >= float(self.cfg.get("recenter_below", 0.25)) * len(self._pool):
+            return False
+        from ..smc import product_smc
+
+        c = self._coef(mu)
+        models = [self.setup.pretrained, *self.setup.concepts]
+        conds = [self.setup.cond, *(self.setup.concept_conds or [self.setup.cond] * len(c))]
+        r = product_smc(self.sampler, models, [1 + float(c.sum()), *(-c).tolist()], len(self._pool), self.gen,
+                        conds=conds)
+        self.refreshes += 1
+        entry = {"multipliers": [round(float(v), 5) for v in mu], "smc_ess": round(r.ess, 1),
+                 "smc_resamples": r.resamples, "log_z": round(r.log_z, 4)}
+        if r.ess < self.min_ess():
+            self.refresh_log.append({**entry, "kept": False})
+            return False
+        self._pool = Pool(x=r.x, llr=self._log_ratios(r.x), base=r.log_w, c0=c.clone(), log_z0=r.log_z)
+        self.refresh_log.append({**entry, "kept": True})
+        return True
+
+    def trusted(self, multipliers) -> bool:
+        if not self._ratio_active():
+            return True
+        return self.effective_sample_size(torch.as_tensor(multipliers)) >= self.min_ess()
+
+    def step_diagnostics(self, multipliers):
+        if self._pool is None:
+            return {}
+        return {"ess": round(self.effective_sample_size(torch.as_tensor(multipliers)), 1), "pool": self.refreshes}
+
+    def reliability(self, multipliers):
+        if self._pool is None:
+            return None
+        ess, floor = self.effective_sample_size(torch.as_tensor(multipliers)), self.min_ess()
+        if ess >= floor or not (self._ratio_active() or self.final_mode == "resample"):
+            return None
+        return (f"importance weights are degenerate at the final multipliers (effective sample size {ess:.1f} < "
+                f"formulation.min_ess x pool = {floor:.0f}): the ratio estimates and resampled samples do not "
+                f"hold there; raise formulation.pool_size, set formulation.separation_cap, or lower "
+                f"formulation.threshold_factor")
 
     def composed(self, mu: torch.Tensor) -> ComposedScore:
         return ComposedScore.reverse_kl(self.setup.pretrained, self.setup.concepts, mu)
@@ -158,23 +279,32 @@ class ReverseKLUnlearning(Formulation):
         if self._pool is None:
             return {}
         ess = self.effective_sample_size(multipliers)
-        out = {"pool_size": len(self._pool[0]), "effective_sample_size": round(ess, 1)}
+        out = {"pool_size": len(self._pool), "effective_sample_size": round(ess, 1)}
+        if self.refreshes:
+            out["pool_refreshes"] = self.refresh_log
         if self.final_mode == "resample" and not self.distilled:
             out["kl_to_pretrained_estimator"] = "importance-weighted over the pool: E_rev[log w] - log E_pre[w]"
         if self.cap is not None:  # the paper's KL(p || q_i) at the capped target, for comparison
-            out["kl_to_concepts"] = [round(float(v), 4) for v in self._ratio_kl(multipliers, self._pool[1])]
-        if ess < 0.05 * len(self._pool[0]):
-            out["warning"] = ("importance weights are degenerate (ESS < 5% of the pool): the ratio estimates and "
-                              "resampled samples are unreliable; raise formulation.pool_size or use kl_estimator=path")
+            out["kl_to_concepts"] = [round(float(v), 4) for v in self._ratio_kl(multipliers, self._pool.llr)]
+        out["min_ess"] = round(self.min_ess(), 1)
         return out
 
     def final_metrics(self, multipliers) -> dict:
         """With resampled final samples the composed score is not what they show: report
-        ``KL(p_rev || p_pre) = E_rev[log w] - log E_pre[w]`` over the pool instead of its pathwise KL."""
+        ``KL(p_rev || p_pre) = E_rev[-c . tilt] - log Z`` over the pool instead of its pathwise KL."""
         if self.final_mode != "resample" or self.distilled:
             return {}
-        logw, w, log_z = self._weights(multipliers)
-        return {"kl_to_pretrained": float((w * logw).sum() - log_z)}
+        pool = self.pool()
+        c = self._coef(multipliers)
+        _, w, log_z = pool.weights(c, self._tilt(pool))
+        return {"kl_to_pretrained": float((w * -(self._tilt(pool) * c[None]).sum(1)).sum() - log_z)}
+
+    def _resample(self, pool: Pool, multipliers, n: int, generator) -> torch.Tensor:
+        from ..smc import systematic_resample
+
+        logw = self._weights(multipliers, pool)[0]
+        idx = systematic_resample(logw, n, generator)
+        return pool.x[idx[torch.randperm(n, generator=generator)].to(pool.x.device)]
 
     def final_samples(self, multipliers, n: int, generator) -> torch.Tensor | None:
         """Systematic resampling of the pool: ``n`` evenly spaced quantiles of the weights' CDF from one
@@ -182,19 +312,18 @@ class ReverseKLUnlearning(Formulation):
         ``n w_j`` times, so the samples follow the weighted pool almost exactly (multinomial resampling
         adds a sampling error of about ``sqrt(share / n)`` to every class share). With the same generator
         state :meth:`pretrained_samples` draws the same quantiles at uniform weights: pretrained and
-        unlearned samples are paired, like two samplers started from the same noise."""
+        unlearned samples are paired, like two samplers started from the same noise (while the pool is
+        the pretrained one; a re-centred pool holds other samples)."""
         if self.final_mode != "resample" or self.distilled:
             return None
-        x, _ = self.pool()
-        w = self._weights(multipliers)[1]
-        u = (torch.rand(1, generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
-        cdf = torch.cumsum(w, 0)
-        idx = torch.searchsorted(cdf, u * cdf[-1]).clamp(max=len(w) - 1)
-        return x[idx[torch.randperm(n, generator=generator)]]
+        return self._resample(self.pool(), multipliers, n, generator)
 
     def pretrained_samples(self, n: int, generator) -> torch.Tensor | None:
-        """The pool itself at uniform weights, resampled like :meth:`final_samples` (paired with it)."""
-        return self.final_samples(torch.zeros(self.num_constraints), n, generator)
+        """The pretrained pool itself at uniform weights, resampled like :meth:`final_samples`."""
+        if self.final_mode != "resample" or self.distilled:
+            return None
+        self.pool()
+        return self._resample(self._pre_pool, torch.zeros(self.num_constraints), n, generator)
 
     def project(self, mu):
         s = float(mu.sum())

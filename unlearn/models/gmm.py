@@ -73,6 +73,36 @@ class GaussianMixture:
         return torch.cdist(x.to(torch.float64), self.means).argmin(1)
 
 
+def draw_mixture(seed: int, components=(3, 5), box: float = 4.0, stds=(0.3, 0.8), weights=(0.5, 2.0),
+                 num_unlearn=(1, 2), kl_range=(20.0, 200.0), max_tries: int = 10_000) -> dict:
+    """A random 2-D mixture for property tests: ``components`` (inclusive range) isotropic Gaussians
+    with means uniform in ``[-box, box]^2`` (centres at least ``2 (s_a + s_b) + 0.5`` apart), widths
+    and unnormalised weights uniform in their ranges, ``num_unlearn`` of them unlearned, redrawn until
+    every pretrained ``KL(p_pre || q_i)`` (exact, on the oracle's grid) lies in ``kl_range`` nats.
+    Returns the ``model.*`` keys (``means``, ``stds``, ``weights``, ``unlearn``) and ``kl_pre``."""
+    rng = np.random.default_rng(seed)
+    for _ in range(max_tries):
+        k = int(rng.integers(components[0], components[1] + 1))
+        means = rng.uniform(-box, box, size=(k, 2))
+        s = rng.uniform(*stds, size=k)
+        gap = np.linalg.norm(means[:, None] - means[None], axis=-1) - 2 * (s[:, None] + s[None]) - 0.5
+        if (gap + np.eye(k) * 1e9).min() < 0:
+            continue
+        w = rng.uniform(*weights, size=k)
+        m = int(rng.integers(num_unlearn[0], num_unlearn[1] + 1))
+        unlearn = sorted(int(i) for i in rng.choice(k, size=m, replace=False))
+        gmm = GaussianMixture(means, s, w)
+        o = GMMOracle(gmm, unlearn)
+        grid = o.grid()
+        logp = grid.normalize_log(o.log_pre(grid.points))
+        kl = -grid.expect(logp, o.log_l(grid.points)).numpy()  # KL(p_pre || q_i) = -E_pre[llr_i]
+        if kl.min() < kl_range[0] or kl.max() > kl_range[1]:
+            continue
+        return {"means": np.round(means, 3).tolist(), "stds": np.round(s, 3).tolist(),
+                "weights": np.round(w / w.sum(), 3).tolist(), "unlearn": unlearn, "kl_pre": kl.round(2).tolist()}
+    raise RuntimeError(f"no mixture with pretrained KLs in {kl_range} after {max_tries} draws")
+
+
 class ExactGMMScore(ScoreModel):
     """The exact noise prediction of a Gaussian mixture at every timestep of a schedule."""
 
