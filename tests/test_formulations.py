@@ -202,3 +202,47 @@ def test_anchored_weighted_loss_differs_from_the_plain_one_by_a_constant(right_r
         assert abs(delta) < 4 * se, (delta, se)
     else:
         assert abs(delta) > 8 * se, (delta, se)
+
+
+def _default_ru(g, idx, factor, dual_steps=40):
+    """Dual-only RU with the formulation's and the constrained method's default settings (their YAML)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    cfg = OmegaConf.load(root / "formulation" / "ru.yaml")
+    cfg.threshold_factor = factor
+    method = OmegaConf.load(root / "method" / "constrained.yaml")
+    setup, o = exact_setup(g, idx)
+    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), False, False)
+    dual = DualAscent(len(idx), float(cfg.dual_lr), projection=f.project, rule="newton",
+                      damping=float(method.newton_damping), max_growth=float(method.newton_max_growth))
+    mu, values, thr, extra = PrimalDual(f, dual, dual_steps, 0, show_progress=False).run()
+    return f, o, mu, values, thr, extra
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_ru_on_random_mixtures_with_default_settings(seed):
+    """Mixtures no setting was tuned on (``draw_mixture``), whose optima reweight the pretrained model
+    so far that its own samples cannot carry the target (seed 0: pool ESS 1.1 at the first Newton
+    step; seed 7: the second concept's KL must rise from 26 to 102 nats): with exact denoisers the
+    default RU (Newton dual steps, the pool re-centred by SMC) finds multipliers within 20% (+0.003)
+    of the oracle's and ends with every exact constraint value within 10% of its exact threshold. Both
+    targets lie where the pretrained model has almost no samples (KL 4.6 and 19 nats from it), so the
+    run calls itself unreliable with that reason: with trained denoisers the same runs miss by 24-58%
+    (their scores there are extrapolations), and the estimator cannot tell exact scores from learned."""
+    from unlearn.models.gmm import draw_mixture
+
+    m = draw_mixture(seed)
+    factor = {0: 1.62, 7: 1.26}[seed]
+    g = GaussianMixture(m["means"], m["stds"], m["weights"])
+    f, o, mu, values, thr, extra = _default_ru(g, m["unlearn"], factor)
+    b = o.thresholds("ru", factor)
+    opt = o.optimal_multipliers("ru", b)
+    assert np.allclose(mu.numpy(), opt, rtol=0.2, atol=0.003), (mu, opt)
+    exact = o.constraint_values("ru", mu.numpy())
+    active = opt > 1e-3
+    assert np.all(np.abs(exact[active] - b[active]) < 0.1 * b[active]), (exact, b)
+    assert np.all(exact >= 0.9 * b), (exact, b)
+    assert f.refreshes >= 1 and f.trusted(mu) and f.support_ess(mu) < f.min_ess()
+    assert "pretrained model has almost no samples" in f.reliability(mu)
+    assert not extra["dual"]["oscillating"]

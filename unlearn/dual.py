@@ -35,6 +35,10 @@ class Multipliers:
     def oscillation(self, history_mu: list[list[float]]) -> dict:
         return {}
 
+    def set_value(self, mu: torch.Tensor) -> None:
+        """Put the multipliers at ``mu`` (e.g. their average, before the final fit continues from it)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict:
         return {"value": self.value().clone()}
 
@@ -104,6 +108,9 @@ class DualAscent(Multipliers):
     def value(self) -> torch.Tensor:
         return self.multiplier().detach()
 
+    def set_value(self, mu: torch.Tensor) -> None:
+        self._set(torch.as_tensor(mu, dtype=torch.float32))
+
     def _set(self, mu: torch.Tensor) -> None:
         with torch.no_grad():
             self.multiplier.weight.copy_(mu)
@@ -134,16 +141,20 @@ class DualAscent(Multipliers):
         scale = sub.diagonal().abs().clamp(min=1e-300)
         sub = sub - 1e-9 * torch.diag(scale)  # H is negative (semi)definite: keep it invertible
         diag = -sub.diagonal().abs().clamp(min=1e-12 * float(scale.max()))  # per constraint, right sign
+        cur = mu64[idx]
+        lo = -0.5 * cur  # a positive multiplier at most halves per step ...
+        hi = torch.where(cur > 0, (self.max_growth - 1) * cur, torch.full_like(cur, float("inf")))  # ... or grows
         try:
-            d = -torch.linalg.solve(sub, v[idx])
+            d = self.damping * -torch.linalg.solve(sub, v[idx])
         except RuntimeError:
             d = None
-        if d is None or not bool(torch.isfinite(d).all()) or float(v[idx] @ d) < 0:
-            d = -v[idx] / diag  # H is not negative definite as estimated: the diagonal (an ascent direction)
-        step[idx] = self.damping * d
-        cur = mu64
-        grow = torch.where(cur > 0, (self.max_growth - 1) * cur, torch.full_like(cur, float("inf")))
-        return torch.maximum(torch.minimum(step, grow), -0.5 * cur)
+        # the coupled step where it is an ascent direction within the caps; else each constraint on its own
+        # (capping single entries of a coupled step would turn its direction)
+        if (d is None or not bool(torch.isfinite(d).all()) or float(v[idx] @ d) < 0
+                or bool(((d < lo) | (d > hi)).any())):
+            d = torch.minimum(torch.maximum(self.damping * -v[idx] / diag, lo), hi)
+        step[idx] = d
+        return step
 
     def update(self, violation: torch.Tensor, jacobian: torch.Tensor | None = None,
                trusted: Callable[[torch.Tensor], bool] | None = None,
@@ -219,6 +230,9 @@ class FixedMultipliers(Multipliers):
 
     def load_state_dict(self, state: dict) -> None:
         self._value = state["value"].clone()
+
+    def set_value(self, mu: torch.Tensor) -> None:
+        return None
 
 
 def build_multipliers(method_cfg, formulation) -> Multipliers:

@@ -44,7 +44,8 @@ class PrimalDual:
     def __init__(self, formulation: Formulation, multipliers: Multipliers, dual_steps: int, primal_steps_per_dual: int,
                  logger=None, show_progress: bool = True, log_every: int = 1, on_step=None, checkpoint_every: int = 0,
                  checkpoint: Callable[[int, dict], None] | None = None, final_multipliers: str = "last",
-                 final_primal: str = "last", estimate_every: int = 1):
+                 final_primal: str = "last", estimate_every: int = 1, final_fit_steps: int = 0,
+                 final_fit_tol: float = 0.05):
         self.f, self.mu = formulation, multipliers
         # fixed multipliers (baselines): the constraints are only monitored, so they may be
         # estimated every few dual steps (always at the last one); dual ascent needs every step's
@@ -58,6 +59,10 @@ class PrimalDual:
         if final_primal not in ("last", "average"):
             raise ValueError(f"final_primal must be 'last' or 'average' (got {final_primal!r})")
         self.final_multipliers, self.final_primal = final_multipliers, final_primal
+        # after the dual steps: while the delivered model violates a constraint by more than final_fit_tol
+        # (relative), up to final_fit_steps more dual steps on the final estimates, each followed by the
+        # primal steps at the new multipliers (dual ascent only)
+        self.final_fit_steps, self.final_fit_tol = max(0, int(final_fit_steps)), float(final_fit_tol)
         # final_primal=average: running mean of the trainable weights after the primal steps of each
         # dual step in the second half (the primal counterpart of the averaged multipliers)
         self.primal_average: dict | None = None
@@ -189,6 +194,34 @@ class PrimalDual:
         rows = torch.tensor(tail + [[float(v) for v in last]], dtype=torch.float64)
         return rows.mean(0).to(torch.as_tensor(last).dtype)
 
+    def _final_fit(self, mu: torch.Tensor, values: torch.Tensor, thr: torch.Tensor):
+        """Fit the delivered model into its constraints: while one is violated beyond ``final_fit_tol``,
+        one more dual step on the final estimate (from the delivered multipliers), then the primal steps
+        at the new multipliers and a new final estimate. Returns ``(mu, values, steps taken)``."""
+        if not getattr(self.mu, "learnable", False) or self.final_fit_steps == 0:
+            return mu, values, 0
+        dist, names = get_dist(), self.f.constraint_names()
+        fit = 0
+        while fit < self.final_fit_steps and not all(self.f.satisfied(values, thr, self.final_fit_tol)):
+            fit += 1
+            self.mu.set_value(mu)
+            jac = self.f.dual_jacobian(mu) if getattr(self.mu, "rule", "plain") == "newton" else None
+            self.mu.update(self.f.violation(values, thr), jacobian=jac, trusted=self.f.trusted, recenter=self.f.recenter)
+            mu = self.mu.value()
+            self._check(self.dual_steps + fit, "multiplier", names, mu)
+            losses = {}
+            if self.f.has_primal:
+                for _ in range(self.k):
+                    losses = self.f.primal_step(mu)
+                    self._check_losses(self.dual_steps + fit, losses)
+            values = dist.mean(self.f.final_estimate(mu))
+            self._check(self.dual_steps + fit, "final constraint", names, values)
+            self.history.append({"step": self.dual_steps + fit, "phase": "final_fit", "losses": losses,
+                                 "constraints": {n: {"value": float(v), "threshold": float(b)}
+                                                 for n, v, b in zip(names, values, thr)},
+                                 "multipliers": {n: float(m) for n, m in zip(names, mu)}})
+        return mu, values, fit
+
     def run(self, resume: dict | None = None):
         """Run (or, given a checkpoint's state, continue) the dual steps; returns
         ``(final multipliers, final constraint values, thresholds, extra)``. Raises
@@ -245,6 +278,9 @@ class PrimalDual:
         # value the last dual step saw, which belongs to the multipliers before it)
         values = dist.mean(self.f.final_estimate(final_mu))
         self._check(self.dual_steps, "final constraint", names, values)
+        final_mu, values, fit = self._final_fit(final_mu, values, thr)
+        if fit:
+            extra = {**extra, "final_fit_steps": fit}
         self.final_values = values
         osc = self.mu.oscillation([[h["multipliers"][n] for n in names] for h in self.history])
         if osc:

@@ -194,7 +194,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                         on_step=on_step, checkpoint_every=checkpoint_every, checkpoint=checkpoint,
                         final_multipliers=str(cfg.train.get("final_multipliers", "last")),
                         final_primal=str(cfg.train.get("final_primal", "last")),
-                        estimate_every=1 if multipliers.learnable else int(cfg.train.get("baseline_estimate_every", 1)))
+                        estimate_every=1 if multipliers.learnable else int(cfg.train.get("baseline_estimate_every", 1)),
+                        final_fit_steps=int(cfg.train.get("final_fit_steps", 0) or 0),
+                        final_fit_tol=float(cfg.train.get("final_fit_tol", 0.05)))
 
     def finish(summary: dict, status: str) -> dict:
         # wall_time_s (all sessions of the run together, as in run_info.json) is the one field of

@@ -149,7 +149,15 @@ class LikelihoodUnlearning(Formulation):
         return None if l is None or len(l) < 2 else l.std(0) / len(l) ** 0.5
 
     def pretrained_values(self):
-        return self._expected_likelihood(self.setup.pretrained)
+        """``E_pre[l_i]`` (exactly 1 for exact likelihoods) with the run's estimator, on
+        ``reference_samples`` samples (default ``final_batch_size``, else ``batch_size``): the threshold is
+        ``threshold_factor`` times it, so its sampling error is the threshold's (``l`` is large on the
+        concept's share ``w`` of the samples and about 0 elsewhere: relative error ``sqrt((1/w - 1) / n)``,
+        0.09 at ``w = 1/3`` and ``n = 256``). Its standard error is kept for the summary."""
+        n = self.cfg.get("reference_samples") or self.cfg.get("final_batch_size") or None
+        values = self._expected_likelihood(self.setup.pretrained, n)
+        self.reference_se, self._reference_n = self.standard_error(), len(self._last_l)
+        return values
 
     def estimate(self, multipliers):
         return self._expected_likelihood(self.setup.model)
@@ -313,9 +321,14 @@ class LikelihoodUnlearning(Formulation):
         return self._pool
 
     def diagnostics(self, multipliers) -> dict:
-        if self._pool is None:
-            return {}
-        return {"weighted_pool": int(self._pool[0].shape[0]), "weighted_pool_refined": self.pool_refined}
+        out = {}
+        se = getattr(self, "reference_se", None)
+        if se is not None:
+            out["reference_samples"] = int(self._reference_n)
+            out["reference_standard_error"] = [round(float(v), 5) for v in se]
+        if self._pool is not None:
+            out.update(weighted_pool=int(self._pool[0].shape[0]), weighted_pool_refined=self.pool_refined)
+        return out
 
     def oracle_target(self, multipliers):
         if self.fixed:  # ESD target p_pre^{1+eta} q^{-eta} = RU target with mu = eta / (1 + eta)

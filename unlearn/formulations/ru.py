@@ -240,16 +240,36 @@ class ReverseKLUnlearning(Formulation):
             return {}
         return {"ess": round(self.effective_sample_size(torch.as_tensor(multipliers)), 1), "pool": self.refreshes}
 
+    def support_ess(self, multipliers) -> float:
+        """Effective sample size of the *pretrained* pool's weights at ``multipliers``: how much of the
+        pretrained model's own samples the target still covers."""
+        self.pool()
+        return float(1.0 / (self._weights(multipliers, self._pre_pool)[1] ** 2).sum())
+
     def reliability(self, multipliers):
-        if self._pool is None:
+        """Two failures, each with its reason: the pool's weights are degenerate at the final multipliers
+        (the estimates do not hold there), or -- even where SMC re-centred the pool -- the target lies
+        where the pretrained model has almost no samples. There the denoisers' scores are extrapolations
+        and, for concept models narrower than the pretrained model in some direction, the paper's target
+        ``p_pre^{1+c} q^{-c}`` may not be normalisable at all (tails ``exp(-|x|^2 ((1+c)/s_p^2 - c/s_q^2)/2)``);
+        the capped separation bounds the weights and keeps the target on the pretrained support."""
+        if self._pool is None or not self._ratio_active():
             return None
-        ess, floor = self.effective_sample_size(torch.as_tensor(multipliers)), self.min_ess()
-        if ess >= floor or not (self._ratio_active() or self.final_mode == "resample"):
-            return None
-        return (f"importance weights are degenerate at the final multipliers (effective sample size {ess:.1f} < "
-                f"formulation.min_ess x pool = {floor:.0f}): the ratio estimates and resampled samples do not "
-                f"hold there; raise formulation.pool_size, set formulation.separation_cap, or lower "
-                f"formulation.threshold_factor")
+        mu = torch.as_tensor(multipliers)
+        floor = self.min_ess()
+        ess = self.effective_sample_size(mu)
+        if ess < floor:
+            return (f"importance weights are degenerate at the final multipliers (effective sample size {ess:.1f} < "
+                    f"formulation.min_ess x pool = {floor:.0f}): the ratio estimates and resampled samples do not "
+                    f"hold there; raise formulation.pool_size, set formulation.separation_cap, or lower "
+                    f"formulation.threshold_factor")
+        support = self.support_ess(mu)
+        if self.cap is None and support < floor:
+            return (f"the target lies where the pretrained model has almost no samples (pretrained-pool effective "
+                    f"sample size {support:.1f} < formulation.min_ess x pool = {floor:.0f}): the denoisers' scores "
+                    f"there are extrapolations and the uncapped target may not exist; set formulation.separation_cap "
+                    f"(bounded weights) or lower formulation.threshold_factor")
+        return None
 
     def composed(self, mu: torch.Tensor) -> ComposedScore:
         return ComposedScore.reverse_kl(self.setup.pretrained, self.setup.concepts, mu)
@@ -279,7 +299,8 @@ class ReverseKLUnlearning(Formulation):
         if self._pool is None:
             return {}
         ess = self.effective_sample_size(multipliers)
-        out = {"pool_size": len(self._pool), "effective_sample_size": round(ess, 1)}
+        out = {"pool_size": len(self._pool), "effective_sample_size": round(ess, 1),
+               "pretrained_support_ess": round(self.support_ess(multipliers), 1)}
         if self.refreshes:
             out["pool_refreshes"] = self.refresh_log
         if self.final_mode == "resample" and not self.distilled:
