@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 # tiny but real: every code path, seconds per run
-TINY_COMMON = ["logger=none", "progress=false", "formulation.dual_steps=2"]
+TINY_COMMON = ["logger=none", "progress=false", "formulation.dual_steps=2", "train.final_fit_steps=0"]
 TINY_BY_MODEL = {
     "gmm": ["model.pretrain.steps=150", "model.pretrain.batch_size=256", "model.sampler.num_steps=20",
             "train.final_samples=512"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, TINY_BY_FORMULATION, compose_cfg
-from unlearn.checkpoint import RunDirError, load_checkpoint
+from unlearn.checkpoint import FINISHED, RunDirError, load_checkpoint
 from unlearn.train import train
 
 FAST = ["train.oracle_multipliers=false"]  # the exact optimal multipliers cost seconds per run, not needed here
@@ -143,7 +143,7 @@ def test_a_run_can_be_extended_and_a_finished_run_is_left_alone(tmp_path):
     assert_same_final_state(tmp_path / "ext", tmp_path / "ref")
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "ref").iterdir()}
     s = train(cfg_of(base + ["formulation.dual_steps=4"]), run_dir=tmp_path / "ref")  # complete: no work
-    assert s["status"] == "completed"
+    assert s["status"] in FINISHED
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "ref").iterdir()} == before
 
 
@@ -165,7 +165,7 @@ def test_two_identical_runs_give_identical_summaries(tmp_path):
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # an absurd dual step size: the multiplier overflows to inf in the second dual step
-    cfg = cfg_of(["formulation=lu", "formulation.dual_lr=1e38", "formulation.dual_steps=6",
+    cfg = cfg_of(["formulation=lu", "method.dual_step=plain", "formulation.dual_lr=1e38", "formulation.dual_steps=6",
                        "train.checkpoint_every=1"])
     s = train(cfg, run_dir=tmp_path)
     assert s["status"] == "diverged"
@@ -185,12 +185,12 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
     # basic launcher, one process: job 0 is healthy, job 1 diverges; then a single diverging run
     # (dual_steps after the tiny overrides, which set 2: 1e38 times a violation near 1.6 overflows in the third update)
-    r = run_cli(["-m", *LU_CLI, "formulation.dual_lr=1.0,1e38", "formulation.dual_steps=4", "train.checkpoint_every=1",
+    r = run_cli(["-m", *LU_CLI, "method.dual_step=plain", "formulation.dual_lr=1.0,1e38", "formulation.dual_steps=4", "train.checkpoint_every=1",
                  "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s0 = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
     s1 = json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())
-    assert s0["status"] == "completed" and (tmp_path / "sweep" / "0" / "model.pt").exists()
+    assert s0["status"] in FINISHED and (tmp_path / "sweep" / "0" / "model.pt").exists()
     assert s1["status"] == "diverged" and s1["diverged"]["step"] >= 2
     assert load_checkpoint(tmp_path / "sweep" / "1" / "checkpoint.pt")["step"] == s1["diverged"]["step"] - 1
     assert "diverged" in r.stderr
@@ -199,13 +199,13 @@ def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
 
     rows = figure_tradeoff(tmp_path / "sweep", tmp_path / "fig", "lu", "test", "expected_likelihood",
                            "kl_to_retained")
-    assert sorted(r["status"] for r in rows) == ["completed", "diverged"]
+    assert sorted(r["status"] in FINISHED for r in rows) == [False, True] and rows[1]["status"] == "diverged"
     with open(tmp_path / "fig" / "lu.csv") as f:
         table = {t["run"]: t for t in csv.DictReader(f)}
     assert table["1"]["status"] == "diverged" and table["1"]["diverged_step"] == str(s1["diverged"]["step"])
     assert (tmp_path / "fig" / "lu.png").exists()
 
-    r = run_cli([*LU_CLI, "formulation.dual_lr=1e38", "formulation.dual_steps=4", "train.checkpoint_every=1",
+    r = run_cli([*LU_CLI, "method.dual_step=plain", "formulation.dual_lr=1e38", "formulation.dual_steps=4", "train.checkpoint_every=1",
                  f"hydra.run.dir={tmp_path}/single"], cwd=tmp_path)
     assert r.returncode == 3
     err = [l for l in r.stderr.splitlines() if l.strip()]

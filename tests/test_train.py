@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from unlearn.checkpoint import FINISHED
 from unlearn.train import train
 
 GROUP_OPTIONS = [
@@ -36,9 +37,9 @@ def test_every_combination_runs_and_writes_outputs(overrides, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     for k in ("model", "formulation", "method", "constraints", "multipliers", "metrics", "seed"):
         assert k in summary
-    assert summary["status"] == "completed"
+    assert summary["status"] in FINISHED and summary["verdict"]
     info = json.loads((tmp_path / "run_info.json").read_text())
-    assert info["sessions"][-1]["wall_time_s"] > 0 and info["status"] == "completed"
+    assert info["sessions"][-1]["wall_time_s"] > 0 and info["status"] == summary["status"]
     assert summary["formulation"] == cfg.formulation.name and summary["method"] == cfg.method.name
     for c in summary["constraints"]:
         assert set(c) >= {"name", "value", "threshold", "satisfied"}
@@ -155,7 +156,7 @@ def test_baseline_estimates_constraints_every_few_dual_steps(tmp_path):
     from unlearn.config import ConfigError, validate_config
 
     cfg = compose_cfg(["formulation=ru", "method=baseline", "method.multiplier=0.3", "train.baseline_estimate_every=2",
-                       "formulation.dual_steps=3"])
+                       "formulation.dual_steps=3", "formulation.pool_refresh=none"])  # the final estimate: the same pool
     s = train(cfg, run_dir=tmp_path / "baseline")
     rows = [json.loads(l) for l in (tmp_path / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert [bool(r["constraints"]) for r in rows] == [False, True, True]
@@ -189,6 +190,6 @@ def test_lu_baseline_draws_its_trajectories_ahead(tmp_path):
     second = f._esd_trajectories(n)
     assert not f._esd_buffer and not torch.equal(first.states[-1], second.states[-1])
     s = train(cfg, run_dir=tmp_path)
-    assert s["status"] == "completed"
+    assert s["status"] in FINISHED
     with pytest.raises(ConfigError, match="esd_refresh_every"):  # before any pretraining
         build(compose_cfg(over[:-1] + ["formulation.esd_refresh_every=3"]), show_progress=False)

@@ -26,10 +26,12 @@ class Multipliers:
 
     def update(self, violation: torch.Tensor, jacobian: torch.Tensor | None = None,
                trusted: Callable[[torch.Tensor], bool] | None = None,
-               recenter: Callable[[torch.Tensor], bool] | None = None) -> None:
+               recenter: Callable[[torch.Tensor], bool] | None = None,
+               noise: torch.Tensor | None = None) -> None:
         """``jacobian``: ``d violation / d mu`` where the formulation knows it; ``trusted(mu)``: whether
-        its estimates hold at ``mu``; ``recenter(mu)``: move them there if it can (returns whether they
-        hold now). A rule keeps its iterates where the estimates hold."""
+        its estimates hold at ``mu``; ``recenter(mu)``: move them there if it can (returns whether it
+        moved them); ``noise``: the standard error of each violation. A rule keeps its iterates where
+        the estimates hold."""
         raise NotImplementedError
 
     def oscillation(self, history_mu: list[list[float]]) -> dict:
@@ -54,7 +56,9 @@ class DualAscent(Multipliers):
     (:meth:`~unlearn.formulations.base.Formulation.dual_jacobian`: RU's ratio estimator exactly on its
     pool, LU from the covariance of the likelihoods under the model). The step has the multipliers'
     own units whatever the units of the constraints, so the same setting converges on constraints
-    of 20 nats and of 200. Only the active constraints (``mu > 0`` or violated) enter the solve;
+    of 20 nats and of 200. Where the formulation knows the standard error ``se`` of its estimates
+    (LU), each entry of the step is multiplied by ``v^2 / (v^2 + se^2)``: a violation within the
+    estimate's noise moves its multiplier little, so the iterates do not random-walk on the noise. Only the active constraints (``mu > 0`` or violated) enter the solve;
     each multiplier at most ``max_growth``-folds and at most halves per step (a constraint that
     hardly responds has a tiny curvature and would otherwise jump). Where the formulation has no
     curvature the step is the ``plain`` one. Every step is shortened (halved, up to 30 times)
@@ -89,7 +93,7 @@ class DualAscent(Multipliers):
             raise ConfigError(f"method.newton_damping must be in (0, 1] (got {damping})")
         if not max_growth > 1:
             raise ConfigError(f"method.newton_max_growth must be > 1 (got {max_growth})")
-        self.rule, self.damping, self.max_growth = rule, float(damping), float(max_growth)
+        self.rule, self.damping, self.max_growth, self.lr = rule, float(damping), float(max_growth), float(lr)
         init_t = torch.as_tensor(init, dtype=torch.float32).flatten()
         if init_t.numel() == 1:
             init_t = init_t.expand(num).clone()
@@ -153,17 +157,24 @@ class DualAscent(Multipliers):
         if (d is None or not bool(torch.isfinite(d).all()) or float(v[idx] @ d) < 0
                 or bool(((d < lo) | (d > hi)).any())):
             d = torch.minimum(torch.maximum(self.damping * -v[idx] / diag, lo), hi)
+        # no usable curvature (e.g. every sample of an estimate alike): that entry takes the plain step
+        flat = ~torch.isfinite(d) | ~(sub.diagonal().abs() > 0) | ~torch.isfinite(sub.diagonal())
+        d = torch.where(flat, self.lr * v[idx], d)
         step[idx] = d
         return step
 
     def update(self, violation: torch.Tensor, jacobian: torch.Tensor | None = None,
                trusted: Callable[[torch.Tensor], bool] | None = None,
-               recenter: Callable[[torch.Tensor], bool] | None = None) -> None:
+               recenter: Callable[[torch.Tensor], bool] | None = None,
+               noise: torch.Tensor | None = None) -> None:
         violation = torch.as_tensor(violation, dtype=torch.float32).detach().flatten()
         self.signs.append([int(torch.sign(v)) for v in violation])
         old = self.value().clone()
         if self.rule == "newton" and jacobian is not None:
             step = self.newton_step(old, violation, jacobian)
+            if noise is not None:  # shrink each entry by its violation's signal-to-noise ratio
+                v2, se2 = violation.double() ** 2, torch.as_tensor(noise, dtype=torch.float64).flatten() ** 2
+                step = step * v2 / (v2 + se2).clamp(min=1e-300)
             self._set((old.double() + step).float())
             used = "newton"
         else:
@@ -225,7 +236,7 @@ class FixedMultipliers(Multipliers):
     def value(self) -> torch.Tensor:
         return self._value.clone()
 
-    def update(self, violation: torch.Tensor, jacobian=None, trusted=None, recenter=None) -> None:
+    def update(self, violation: torch.Tensor, jacobian=None, trusted=None, recenter=None, noise=None) -> None:
         return None
 
     def load_state_dict(self, state: dict) -> None:

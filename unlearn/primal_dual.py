@@ -132,7 +132,8 @@ class PrimalDual:
             k, v = bad
             raise Diverged(step, "loss" if k == "loss" else f"loss ({k})", v)
 
-    def _record(self, step, losses, values, thresholds, mu, elapsed, evaluation=None, diagnostics=None):
+    def _record(self, step, losses, values, thresholds, mu, elapsed, evaluation=None, diagnostics=None,
+                phase: str | None = None):
         names = self.f.constraint_names()
         rec = {
             "losses": losses,
@@ -146,8 +147,10 @@ class PrimalDual:
             rec["eval"] = evaluation
         if diagnostics:
             rec["diagnostics"] = diagnostics
+        if phase:
+            rec["phase"] = phase
         self.history.append({"step": step, **rec})
-        if self.logger is not None and (step % self.log_every == 0 or step == self.dual_steps):
+        if self.logger is not None and (step % self.log_every == 0 or step >= self.dual_steps):
             self.logger.log(step, rec)
 
     def _save(self):
@@ -196,8 +199,9 @@ class PrimalDual:
 
     def _final_fit(self, mu: torch.Tensor, values: torch.Tensor, thr: torch.Tensor):
         """Fit the delivered model into its constraints: while one is violated beyond ``final_fit_tol``,
-        one more dual step on the final estimate (from the delivered multipliers), then the primal steps
-        at the new multipliers and a new final estimate. Returns ``(mu, values, steps taken)``."""
+        one more dual step on the final estimate (from the delivered multipliers) that moves only the
+        violated constraints' multipliers, then the primal steps at the new multipliers and a new final
+        estimate. Returns ``(mu, values, steps taken)``."""
         if not getattr(self.mu, "learnable", False) or self.final_fit_steps == 0:
             return mu, values, 0
         dist, names = get_dist(), self.f.constraint_names()
@@ -206,7 +210,11 @@ class PrimalDual:
             fit += 1
             self.mu.set_value(mu)
             jac = self.f.dual_jacobian(mu) if getattr(self.mu, "rule", "plain") == "newton" else None
-            self.mu.update(self.f.violation(values, thr), jacobian=jac, trusted=self.f.trusted, recenter=self.f.recenter)
+            # only the violated constraints move: the fit restores feasibility, it does not relax what holds
+            ok = torch.tensor(self.f.satisfied(values, thr, self.final_fit_tol))
+            violation = torch.where(ok, torch.zeros_like(values), self.f.violation(values, thr))
+            self.mu.update(violation, jacobian=jac, trusted=self.f.trusted, recenter=self.f.recenter,
+                           noise=self.f.standard_error())
             mu = self.mu.value()
             self._check(self.dual_steps + fit, "multiplier", names, mu)
             losses = {}
@@ -216,10 +224,7 @@ class PrimalDual:
                     self._check_losses(self.dual_steps + fit, losses)
             values = dist.mean(self.f.final_estimate(mu))
             self._check(self.dual_steps + fit, "final constraint", names, values)
-            self.history.append({"step": self.dual_steps + fit, "phase": "final_fit", "losses": losses,
-                                 "constraints": {n: {"value": float(v), "threshold": float(b)}
-                                                 for n, v, b in zip(names, values, thr)},
-                                 "multipliers": {n: float(m) for n, m in zip(names, mu)}})
+            self._record(self.dual_steps + fit, losses, values, thr, mu, self.elapsed, phase="final_fit")
         return mu, values, fit
 
     def run(self, resume: dict | None = None):
@@ -256,7 +261,7 @@ class PrimalDual:
                 self._check(step, "constraint", names, values)
                 jac = self.f.dual_jacobian(mu) if getattr(self.mu, "rule", "plain") == "newton" else None
                 self.mu.update(self.f.violation(values, thr), jacobian=jac, trusted=self.f.trusted,
-                               recenter=self.f.recenter)
+                               recenter=self.f.recenter, noise=self.f.standard_error())
             self._check(step, "multiplier", names, self.mu.value())
             mu_now = self.mu.value()
             evaluation = self.on_step(step, self.f.final_model(mu_now), mu_now) if self.on_step else None

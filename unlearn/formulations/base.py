@@ -108,6 +108,10 @@ class Formulation:
             return None
         return -j if self.sense == "ge" else j
 
+    def standard_error(self) -> torch.Tensor | None:
+        """Standard error of each value of the last :meth:`estimate` (``None``: not known)."""
+        return None
+
     def trusted(self, multipliers: torch.Tensor) -> bool:
         """Whether this formulation's constraint estimates hold at ``multipliers`` (e.g. RU's importance
         weights keep enough effective samples there). The dual rule keeps its iterates where they do."""

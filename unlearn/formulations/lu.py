@@ -23,6 +23,7 @@ class LikelihoodUnlearning(Formulation):
     name = "lu"
     sense = "le"
     GRADIENTS = ("policy", "reparam", "weighted")
+    MIN_CURVATURE_SAMPLES = 32  # samples an estimate needs before its covariance sets the Newton dual step
     LIKELIHOODS = ("estimator", "exact")
 
     def __init__(self, *args, **kw):
@@ -138,7 +139,7 @@ class LikelihoodUnlearning(Formulation):
         """``d E[l_i] / d lam_j = -Cov(l_i, l_j)`` at the target ``p_pre exp(-sum lam l) / Z`` (an
         exponential family in ``lam``), estimated by the covariance of the last estimate's samples."""
         l = getattr(self, "_last_l", None)
-        if l is None or len(l) < 2:
+        if l is None or len(l) < self.MIN_CURVATURE_SAMPLES:  # too few for a covariance: plain dual steps
             return None
         c = l - l.mean(0, keepdim=True)
         return -(c.T @ c) / (len(l) - 1)
