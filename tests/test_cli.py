@@ -36,18 +36,47 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("args,key", BAD, ids=lambda a: a if isinstance(a, str) else " ".join(a))
-def test_bad_input_fails_with_one_line(args, key, tmp_path):
-    # an earlier run's outputs in the same place must survive
-    keep = tmp_path / "outputs" / "keep.txt"
-    keep.parent.mkdir(parents=True)
-    keep.write_text("precious")
-    r = run_cli(args + ["logger=none"], cwd=tmp_path, timeout=120)
-    assert r.returncode != 0
+def run_cli_batch(cases, tmp_root: Path, timeout=600) -> list[dict]:
+    """Each case ``(args, cwd)`` through the real entry point, all in one subprocess
+    (``tests/cli_batch.py``): ``[{"code", "stderr"}, ...]``."""
+    spec = tmp_root / "cases.json"
+    spec.write_text(json.dumps([{"args": list(a), "cwd": str(c)} for a, c in cases]))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(spec)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    """Every BAD case, each in its own directory holding an earlier run's file that must survive."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = []
+    for i, (args, _) in enumerate(BAD):
+        keep = root / str(i) / "outputs" / "keep.txt"
+        keep.parent.mkdir(parents=True)
+        keep.write_text("precious")
+        cases.append((args + ["logger=none"], root / str(i)))
+    return root, run_cli_batch(cases, root)
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_fails_with_one_line(i, bad_input_results):
+    root, results = bad_input_results
+    key, r = BAD[i][1], results[i]
+    assert r["code"] == 2, r
+    err = [l for l in r["stderr"].strip().splitlines() if l.strip()]
+    assert len(err) == 1, r["stderr"]
+    assert key in err[0] and "Traceback" not in r["stderr"]
+    assert (root / str(i) / "outputs" / "keep.txt").read_text() == "precious"
+
+
+def test_bad_input_in_its_own_process_exits_2(tmp_path):
+    """The batch above shares one interpreter; one case as a user runs it, in its own process."""
+    r = run_cli(["formulation.threshold_factor=-1", "logger=none"], cwd=tmp_path, timeout=120)
     err = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert len(err) == 1, r.stderr
-    assert key in err[0] and "Traceback" not in r.stderr
-    assert keep.read_text() == "precious"
+    assert r.returncode == 2 and len(err) == 1 and "formulation.threshold_factor" in err[0], r.stderr
 
 
 def test_single_run_and_multirun_sweep(tmp_path):

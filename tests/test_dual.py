@@ -86,3 +86,19 @@ def test_bad_rule_settings_are_config_errors():
         DualAscent(1, 0.1, rule="newton", damping=0.0)
     with pytest.raises(ConfigError, match="method.newton_max_growth"):
         DualAscent(1, 0.1, rule="newton", max_growth=1.0)
+
+
+def test_sign_flips_within_the_noise_are_not_oscillation():
+    """Violations that flip sign but stay within two standard errors of 0 (an estimate's noise near
+    the optimum) do not count; the same flips beyond them do."""
+    def run_flips(se):
+        d = DualAscent(1, 0.1, rule="newton", init=1.0)
+        hist = []
+        for k in range(20):
+            v = torch.tensor([0.05 if k % 2 else -0.05])
+            d.update(v, jacobian=-torch.eye(1, dtype=torch.float64) * 0.01, noise=torch.tensor([se]))
+            hist.append(d.value().tolist())
+        return d.oscillation(hist)
+
+    assert run_flips(0.1)["oscillating"] is False and run_flips(0.1)["sign_flip_share"] == [0.0]
+    assert run_flips(0.001)["sign_flip_share"] == [1.0]

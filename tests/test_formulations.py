@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from unlearn.dual import DualAscent, FixedMultipliers
 from unlearn.formulations.ru import Pool, ReverseKLUnlearning
+from unlearn.models.base import ScoreModel
 from unlearn.models.gmm import ExactGMMScore, GaussianMixture, GMMOracle
 from unlearn.models.gmm_setup import GMMEvaluator
 from unlearn.primal_dual import PrimalDual
@@ -250,3 +251,50 @@ def test_ru_on_random_mixtures_with_default_settings(seed):
         return
     assert f.refreshes >= 1 and f.support_ess(mu) < f.min_ess()
     assert "pretrained model has almost no samples" in f.reliability(mu)
+
+
+class ResidualScore(ScoreModel):
+    """A trainable model that starts exactly at ``base``: ``base.eps + net.eps`` with the ResNet's
+    output layer at zero (no pretraining needed)."""
+
+    def __init__(self, base, hidden=32):
+        super().__init__()
+        from unlearn.models.resnet import ResNetDenoiser
+
+        self.base, self.schedule, self.sample_shape = base, base.schedule, base.sample_shape
+        self.net = ResNetDenoiser(base.sample_shape[0], base.schedule, num_layers=2, hidden=hidden, time_embed_dim=16)
+
+    def eps(self, x, t, cond=None):
+        return self.base.eps(x, t) + self.net.eps(x, t)
+
+
+def _lu(g, idx, overrides=None, seed=0):
+    from pathlib import Path
+
+    from unlearn.formulations.lu import LikelihoodUnlearning
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "formulation" / "lu.yaml")
+    cfg.merge_with(overrides or {})
+    o = GMMOracle(g, idx)
+    pre = ExactGMMScore(g, SCHED)
+    setup = UnlearningSetup("gmm", pre, ResidualScore(pre), [ExactGMMScore(c, SCHED) for c in o.concepts],
+                            [str(i) for i in idx], [], oracle=o)
+    f = LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 100), torch.Generator().manual_seed(seed), False, False)
+    return f, o
+
+
+def test_lu_reference_is_precise_enough_for_its_factor():
+    """The pretrained ``E[l]`` that sets LU's threshold, on ``reference_samples`` samples (exact ``l``,
+    exact denoisers): within 4 standard errors (+1% for the sampler) of its exact value 1, and its
+    reported standard error is the sampling error ``sqrt((1/w - 1)/n)`` (within 15%): 0.022 with
+    4,096 samples, where 256 give 0.088 -- a threshold 9% off at one standard error."""
+    g = GaussianMixture([[-2, 0], [2, 0], [0, 3]], [0.5] * 3, [1, 1, 1])
+    f, _ = _lu(g, [2], {"likelihood": "exact", "reference_samples": 4096})
+    pre = float(f.pretrained_values()[0])
+    se = float(f.reference_se[0])
+    expected_se = ((3 - 1) / 4096) ** 0.5
+    assert abs(se - expected_se) < 0.15 * expected_se, (se, expected_se)
+    assert abs(pre - 1.0) < 4 * se + 0.01, (pre, se)
+    f256, _ = _lu(g, [2], {"likelihood": "exact", "batch_size": 256})
+    f256.pretrained_values()
+    assert float(f256.reference_se[0]) > 3 * se and f256.diagnostics(torch.zeros(1))["reference_samples"] == 256

@@ -168,7 +168,10 @@ class DualAscent(Multipliers):
                recenter: Callable[[torch.Tensor], bool] | None = None,
                noise: torch.Tensor | None = None) -> None:
         violation = torch.as_tensor(violation, dtype=torch.float32).detach().flatten()
-        self.signs.append([int(torch.sign(v)) for v in violation])
+        # a violation within two standard errors of 0 has no sign: flips on the noise are not oscillation
+        sig = torch.ones_like(violation, dtype=torch.bool) if noise is None else \
+            violation.abs() > 2 * torch.as_tensor(noise, dtype=torch.float32).flatten()
+        self.signs.append([int(torch.sign(v)) if k else 0 for v, k in zip(violation, sig)])
         old = self.value().clone()
         if self.rule == "newton" and jacobian is not None:
             step = self.newton_step(old, violation, jacobian)
@@ -197,7 +200,8 @@ class DualAscent(Multipliers):
 
     def oscillation(self, history_mu: list[list[float]]) -> dict:
         """Over the second half of the updates: the share of consecutive sign flips of each violation
-        while its multiplier is positive, and each multiplier's range over its mean."""
+        while its multiplier is positive (among pairs of violations beyond two standard errors), and
+        each multiplier's range over its mean; ``oscillating`` when both are large (> 0.6, > 0.5)."""
         n = len(self.signs)
         if n < 4:
             return {}
@@ -207,7 +211,8 @@ class DualAscent(Multipliers):
         for i in range(len(half[0])):
             s = [row[i] for row in half]
             pos = mus[:, i] > 0
-            pairs = [(a, b) for k, (a, b) in enumerate(zip(s, s[1:])) if bool(pos[k]) or bool(pos[k + 1])]
+            pairs = [(a, b) for k, (a, b) in enumerate(zip(s, s[1:]))
+                     if (bool(pos[k]) or bool(pos[k + 1])) and a != 0 and b != 0]
             flips.append(round(sum(a * b < 0 for a, b in pairs) / max(len(pairs), 1), 3))
             m = float(mus[:, i].mean())
             spread.append(round(float(mus[:, i].max() - mus[:, i].min()) / m, 3) if m > 0 else 0.0)

@@ -45,7 +45,7 @@ class PrimalDual:
                  logger=None, show_progress: bool = True, log_every: int = 1, on_step=None, checkpoint_every: int = 0,
                  checkpoint: Callable[[int, dict], None] | None = None, final_multipliers: str = "last",
                  final_primal: str = "last", estimate_every: int = 1, final_fit_steps: int = 0,
-                 final_fit_tol: float = 0.05):
+                 final_fit_tol: float = 0.05, final_fit_lr_scale: float = 1.0):
         self.f, self.mu = formulation, multipliers
         # fixed multipliers (baselines): the constraints are only monitored, so they may be
         # estimated every few dual steps (always at the last one); dual ascent needs every step's
@@ -63,6 +63,7 @@ class PrimalDual:
         # (relative), up to final_fit_steps more dual steps on the final estimates, each followed by the
         # primal steps at the new multipliers (dual ascent only)
         self.final_fit_steps, self.final_fit_tol = max(0, int(final_fit_steps)), float(final_fit_tol)
+        self.final_fit_lr_scale = float(final_fit_lr_scale)  # primal learning rate during the fit, relative
         # final_primal=average: running mean of the trainable weights after the primal steps of each
         # dual step in the second half (the primal counterpart of the averaged multipliers)
         self.primal_average: dict | None = None
@@ -206,6 +207,8 @@ class PrimalDual:
             return mu, values, 0
         dist, names = get_dist(), self.f.constraint_names()
         fit = 0
+        if not all(self.f.satisfied(values, thr, self.final_fit_tol)) and self.f.has_primal:
+            self.f.scale_primal_lr(self.final_fit_lr_scale)  # smaller primal steps: less scatter around the minimiser
         while fit < self.final_fit_steps and not all(self.f.satisfied(values, thr, self.final_fit_tol)):
             fit += 1
             self.mu.set_value(mu)

@@ -196,7 +196,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                         final_primal=str(cfg.train.get("final_primal", "last")),
                         estimate_every=1 if multipliers.learnable else int(cfg.train.get("baseline_estimate_every", 1)),
                         final_fit_steps=int(cfg.train.get("final_fit_steps", 0) or 0),
-                        final_fit_tol=float(cfg.train.get("final_fit_tol", 0.05)))
+                        final_fit_tol=float(cfg.train.get("final_fit_tol", 0.05)),
+                        final_fit_lr_scale=float(cfg.train.get("final_fit_lr_scale", 1.0)))
 
     def finish(summary: dict, status: str) -> dict:
         # wall_time_s (all sessions of the run together, as in run_info.json) is the one field of

@@ -225,6 +225,11 @@ class Formulation:
             return own()
         return {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
 
+    def scale_primal_lr(self, factor: float) -> None:
+        """Multiply the primal optimiser's learning rate (e.g. to settle the fit after the dual steps)."""
+        for group in getattr(getattr(self, "opt", None), "param_groups", []):
+            group["lr"] = group["lr"] * float(factor)
+
     def primal_optimizer(self, params, lr: float, weight_decay: float = 0.0):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
