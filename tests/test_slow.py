@@ -38,9 +38,12 @@ def test_lu_multipliers_match_oracle_on_other_geometry_with_exact_likelihoods(an
     kl_to_target 0.054, constraints 0.083 <= 0.092 and 0.104 vs 0.091 (+14%: the fitted model is not
     exactly the target). With the GMM tuning's 20 dual steps constraint 2 ends at 0.127 (+40%).
     The anchored weighted loss (``formulation.weighted_anchor=true``, same minimiser): +16% / +15%,
-    kl_to_target 0.035, constraints 0.088 <= 0.092 and 0.088 <= 0.091."""
+    kl_to_target 0.035, constraints 0.088 <= 0.092 and 0.088 <= 0.091. Both measured with plain dual
+    steps; with full Newton steps the weighted primal (half-way to a new target within 25 primal
+    steps) overshoots, anchored +12% / +24%, hence the damping of 0.5 here."""
     s = _run(["formulation=lu", "formulation.likelihood=exact", "formulation.dual_steps=25",
-              f"formulation.weighted_anchor={str(anchor).lower()}"] + OTHER, tmp_path)
+              f"formulation.weighted_anchor={str(anchor).lower()}", "method.newton_damping=0.5"]
+             + OTHER, tmp_path)
     mu, opt = np.array(s["multipliers"]), np.array(s["oracle"]["multipliers"])
     assert np.all(np.abs(mu - opt) <= 0.2 * np.abs(opt)), (mu, opt)
     assert s["metrics"]["kl_to_target"] < 0.1
