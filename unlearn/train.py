@@ -6,6 +6,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,223 +96,300 @@ def _check_fits(ckpt: dict, formulation, multipliers, path: Path) -> None:
                           f"(hydra.run.dir=...)")
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run one unlearning experiment and write its outputs to ``run_dir``; returns the summary.
+@dataclass
+class Plan:
+    """Phase 1: what this call will do with its run directory (nothing written yet)."""
 
-    A directory that already holds a checkpoint of the same run is resumed from it
-    (``train.resume=auto``). A run that meets a non-finite quantity stops and returns a summary
-    with ``"status": "diverged"``.
-    """
-    t_start = time.time()
-    show = bool(cfg.get("progress", True))
+    cfg: DictConfig
+    run_dir: Path
+    resolved: dict
+    show: bool
+    resume_mode: str
+    checkpoint_every: int
+    ckpt: dict | None = None        # the checkpoint to resume from
+    old_info: dict | None = None    # the run_info.json of the run being resumed
+    done: dict | None = None        # a finished run's summary (left as it is), or a non-main rank's answer
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def dual_steps(self) -> int:
+        return int(self.cfg.train.dual_steps)
+
+
+@dataclass
+class Run:
+    """Phase 2: the built run: models, method, metric suite, logger, provenance and driver."""
+
+    setup: object
+    sampler: object
+    formulation: object
+    multipliers: object
+    evaluator: object
+    logger: object
+    driver: PrimalDual
+    run_info: dict
+    stable_info: dict
+    saved: dict
+    timing: dict = field(default_factory=dict)
+
+
+def plan_run(cfg: DictConfig, run_dir: str | Path | None = None) -> Plan:
+    """Validate the config and decide, before anything is written, whether the run directory starts a
+    fresh run, resumes one (its checkpoint) or already holds this finished run. A foreign or corrupt
+    directory raises :class:`~unlearn.checkpoint.RunDirError` and stays as it is."""
     validate_config(cfg)
     resume_mode, checkpoint_every = _train_options(cfg)
     dist = get_dist()
-    main = dist.is_main
     run_dir = Path(dist.broadcast_object(str(run_dir if run_dir is not None else cfg.paths.run_dir)))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    dual_steps = int(cfg.train.dual_steps)
-    seed = int(cfg.seed)
-    # nothing is written before this check: a foreign or corrupt run directory stays as it is
-    plan, error = None, None
-    if main:
+    plan = Plan(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.progress), resume_mode,
+                checkpoint_every)
+    found, error = None, None
+    if dist.is_main:
         try:
-            plan = inspect_run_dir(run_dir, resolved, resume_mode, dual_steps)
+            found = inspect_run_dir(run_dir, plan.resolved, resume_mode, plan.dual_steps)
         except RunDirError as exc:
             error = exc
-    verdict = dist.broadcast_object({"error": str(error) if error else None, "fresh": plan is None,
-                                     "completed": bool(plan and plan["completed"])})
+    verdict = dist.broadcast_object({"error": str(error) if error else None, "fresh": found is None,
+                                     "completed": bool(found and found["completed"])})
     if error is not None:
         raise error
     if verdict["error"] is not None:
         raise RunDirError(verdict["error"])
     if verdict["completed"]:
-        if not main:
-            return {"status": "completed", "rank": dist.rank}
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if show:
-            print(f"{run_dir}: this run is already complete (checkpoint at dual step {dual_steps}); "
+        if not dist.is_main:
+            plan.done = {"status": "completed", "rank": dist.rank}
+            return plan
+        plan.done = json.loads((run_dir / "summary.json").read_text())
+        if plan.show:
+            print(f"{run_dir}: this run is already complete (checkpoint at dual step {plan.dual_steps}); "
                   f"outputs left as they are", file=sys.stderr)
-        return summary
-    ckpt = None
+        return plan
     if not verdict["fresh"]:
-        ckpt = plan["checkpoint"] if main else (load_checkpoint(run_dir / CHECKPOINT)
-                                                if (run_dir / CHECKPOINT).exists() else None)
-    old_info = read_run_info(run_dir) if main and plan is not None else None
+        plan.ckpt = found["checkpoint"] if dist.is_main else (load_checkpoint(run_dir / CHECKPOINT)
+                                                              if (run_dir / CHECKPOINT).exists() else None)
+    plan.old_info = read_run_info(run_dir) if dist.is_main and found is not None else None
+    return plan
+
+
+def build_run(plan: Plan) -> Run:
+    """Phase 2: build the models and the method, check a checkpoint fits them, start the metric suite
+    (``metrics.strict`` fails here, before training), write ``config.yaml`` and ``run_info.json``."""
+    cfg, run_dir, main = plan.cfg, plan.run_dir, get_dist().is_main
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         for tmp in run_dir.glob(f"{CHECKPOINT}*.tmp"):  # left by a run killed while it wrote a checkpoint
             tmp.unlink(missing_ok=True)
-    torch.set_num_threads(int(cfg.get("num_threads", 2)))
-    _seed_everything(seed)
-
-    setup, sampler, formulation, multipliers, gen = build(cfg, show_progress=show)
-    # pretraining draws from the global RNGs when the cache misses, not when it hits: reseed
-    _seed_everything(seed)
-    if ckpt is not None:
-        _check_fits(ckpt, formulation, multipliers, run_dir / CHECKPOINT)
-        if show and main:
-            print(f"resuming {run_dir} from its checkpoint at dual step {ckpt['step']} of {dual_steps}",
+    torch.set_num_threads(int(cfg.num_threads))
+    _seed_everything(plan.seed)
+    setup, sampler, formulation, multipliers, _ = build(cfg, show_progress=plan.show)
+    _seed_everything(plan.seed)  # pretraining draws from the global RNGs when the cache misses, not when it hits
+    if plan.ckpt is not None:
+        _check_fits(plan.ckpt, formulation, multipliers, run_dir / CHECKPOINT)
+        if plan.show and main:
+            print(f"resuming {run_dir} from its checkpoint at dual step {plan.ckpt['step']} of {plan.dual_steps}",
                   file=sys.stderr)
     evaluator = None
     if setup.to_images is not None and main:  # image families: KID, SSCD, CLIP, KL, likelihood
         from .evaluation import ImageEvaluator
 
-        evaluator = ImageEvaluator(cfg, setup, sampler, run_dir)  # metrics.strict: fails here, before training
+        evaluator = ImageEvaluator(cfg, setup, sampler, run_dir)
         evaluator = evaluator if evaluator.active else None
+    stable_info, volatile_info = split_volatile(setup.info)
+    run_info = _run_info(plan, setup, volatile_info)
+    if main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plan.resolved)))
+        atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
+    resume_step = int(plan.ckpt["step"]) if plan.ckpt is not None else None
+    logger = RunLogger(run_dir, cfg.logger, plan.resolved, resume_step=resume_step) if main else None
+    saved = {"step": resume_step}
+    driver = _driver(plan, formulation, multipliers, logger, evaluator, saved, run_info["resume_hash"])
+    return Run(setup, sampler, formulation, multipliers, evaluator, logger, driver, run_info, stable_info, saved)
+
+
+def _run_info(plan: Plan, setup, volatile_info: dict) -> dict:
+    ckpt, resolved = plan.ckpt, plan.resolved
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "resume_hash": resume_hash(resolved),
+            "result_hash": result_hash(resolved), "seed": plan.seed, "status": "running",
+            "versions": package_versions(), "git": git_state(), **device_info(setup.model),
+            "sessions": list((plan.old_info or {}).get("sessions", [])) if ckpt is not None else []}
+    info["sessions"].append({**session(int(ckpt["step"]) if ckpt is not None else None), "setup": volatile_info,
+                             "world_size": get_dist().world_size})
+    return info
+
+
+def _driver(plan: Plan, formulation, multipliers, logger, evaluator, saved: dict, r_hash: str) -> PrimalDual:
+    cfg, t, main = plan.cfg, plan.cfg.train, get_dist().is_main
 
     def on_step(step, model, mu):
         if evaluator is None or not evaluator.due(step):
             return None
         # RU's resampled samples at the current multipliers, like the final evaluation's (None: sample `model`)
-        own = formulation.final_samples(mu, int(cfg.metrics.num_images), generator(seed + 999))
+        own = formulation.final_samples(mu, int(cfg.metrics.num_images), generator(plan.seed + 999))
         return evaluator.evaluate(model, step, f"step{step:05d}", own)[0]
-
-    stable_info, volatile_info = split_volatile(setup.info)
-    r_hash = resume_hash(resolved)
-    run_info = {"format": FORMAT, "format_version": FORMAT_VERSION, "resume_hash": r_hash,
-                "result_hash": result_hash(resolved), "seed": seed, "status": "running",
-                "versions": package_versions(), "git": git_state(), **device_info(setup.model),
-                "sessions": list((old_info or {}).get("sessions", [])) if ckpt is not None else []}
-    run_info["sessions"].append({**session(int(ckpt["step"]) if ckpt is not None else None), "setup": volatile_info,
-                                 "world_size": dist.world_size})
-    if main:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
-
-    logger = RunLogger(run_dir, cfg.get("logger"), resolved,
-                       resume_step=int(ckpt["step"]) if ckpt else None) if main else None
-    saved = {"step": int(ckpt["step"]) if ckpt is not None else None}
 
     def checkpoint(step: int, state: dict):
         if main:
-            save_checkpoint(run_dir / CHECKPOINT, state, step, r_hash)
+            save_checkpoint(plan.run_dir / CHECKPOINT, state, step, r_hash)
         saved["step"] = step
 
-    t_train, timing = time.time(), {}
-    driver = PrimalDual(formulation, multipliers, dual_steps, cfg.train.primal_steps_per_dual,
-                        logger=logger, show_progress=show and main, log_every=int(cfg.train.get("log_every", 1)),
-                        on_step=on_step, checkpoint_every=checkpoint_every, checkpoint=checkpoint,
-                        final_multipliers=str(cfg.train.get("final_multipliers", "last")),
-                        final_primal=str(cfg.train.get("final_primal", "last")),
-                        estimate_every=1 if multipliers.learnable else int(cfg.train.get("baseline_estimate_every", 1)),
-                        final_fit_steps=int(cfg.train.get("final_fit_steps", 0) or 0),
-                        final_fit_tol=float(cfg.train.get("final_fit_tol", 0.05)),
-                        final_fit_lr_scale=float(cfg.train.get("final_fit_lr_scale", 1.0)))
+    return PrimalDual(formulation, multipliers, plan.dual_steps, t.primal_steps_per_dual, logger=logger,
+                      show_progress=plan.show and main, log_every=int(t.log_every), on_step=on_step,
+                      checkpoint_every=plan.checkpoint_every, checkpoint=checkpoint,
+                      final_multipliers=str(t.final_multipliers), final_primal=str(t.final_primal),
+                      estimate_every=1 if multipliers.learnable else int(t.baseline_estimate_every),
+                      final_fit_steps=int(t.final_fit_steps or 0), final_fit_tol=float(t.final_fit_tol),
+                      final_fit_lr_scale=float(t.final_fit_lr_scale))
 
-    def finish(summary: dict, status: str) -> dict:
-        # wall_time_s (all sessions of the run together, as in run_info.json) is the one field of
-        # summary.json that differs between two identical runs
-        wall = round(time.time() - t_start, 2)
-        earlier = sum(float(x.get("wall_time_s") or 0.0) for x in run_info["sessions"][:-1])
-        summary["wall_time_s"] = round(earlier + wall, 2)
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
-        run_info["status"] = status
-        run_info["sessions"][-1].update(wall_time_s=wall,
-                                        train_time_s=round(timing.get("train", time.time() - t_train), 2))
-        atomic_write_text(run_dir / RUN_INFO, json.dumps(run_info, indent=2, default=str))
-        logger.finish(summary)
-        return summary
 
-    head = {"model": str(cfg.model.name), "formulation": formulation.name, "method": str(cfg.method.name)}
+def solve(plan: Plan, run: Run):
+    """Phase 3: run the method (the dual steps and the final fit). Returns ``(mu, values, thresholds,
+    extra)``, or a summary when the run diverged or this is a non-main data-parallel rank."""
+    dist, t0 = get_dist(), time.time()
     try:
-        mu, values, thr, extra = driver.run(resume=ckpt["state"] if ckpt is not None else None)
+        result = run.driver.run(resume=plan.ckpt["state"] if plan.ckpt is not None else None)
     except Diverged as d:
-        if not main:
+        if not dist.is_main:
             return {"status": "diverged", "rank": dist.rank}
-        last = ({k: v for k, v in driver.history[-1].items() if k != "time_s"}  # no wall-clock in summaries
-                if driver.history else None)
-        summary = {**head, "status": "diverged",
+        hist = run.driver.history
+        last = {k: v for k, v in hist[-1].items() if k != "time_s"} if hist else None  # no wall-clock in summaries
+        summary = {**_head(plan, run), "status": "diverged",
                    "diverged": {"step": d.step, "quantity": d.quantity, "value": str(d.value)},
-                   "checkpoint_step": saved["step"], "last_good": last,
-                   "threshold_factor": formulation.factor, "seed": seed}
-        return finish(summary, "diverged")
-    timing["train"] = time.time() - t_train
+                   "checkpoint_step": run.saved["step"], "last_good": last,
+                   "threshold_factor": run.formulation.factor, "seed": plan.seed}
+        return _finish(plan, run, summary, "diverged")
+    run.timing["train"] = time.time() - t0
+    mu = result[0]
     if dist.world_size > 1:  # every rank's multipliers after each dual step, to check they agree
         import hashlib
 
-        w = formulation.trainable_state()
+        w = run.formulation.trainable_state()
         sha = hashlib.sha256(b"".join(w[k].float().numpy().tobytes() for k in sorted(w))).hexdigest()
-        atomic_write_text(run_dir / f"rank{dist.rank}_multipliers.json",
-                          json.dumps({"multipliers": [h["multipliers"] for h in driver.history],
+        atomic_write_text(plan.run_dir / f"rank{dist.rank}_multipliers.json",
+                          json.dumps({"multipliers": [h["multipliers"] for h in run.driver.history],
                                       "final": [float(v) for v in mu], "trainable_sha256": sha}))
-        if not main:
+        if not dist.is_main:
             return {"status": "completed", "rank": dist.rank, "multipliers": [float(v) for v in mu]}
+    return result
 
-    # final samples of the unlearned model and of the pretrained model, same seed
+
+def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
+    """Phase 4: final samples of the unlearned and the pretrained model (same seed), their metrics,
+    the samples and the picture. Returns the metrics and the oracle's target for the summary."""
+    cfg, f, setup, sampler, seed = plan.cfg, run.formulation, run.setup, run.sampler, plan.seed
     n = int(cfg.train.final_samples)
-    final = formulation.final_model(mu)
-    eval_gen = generator(seed + 999)
-    samples = formulation.final_samples(mu, n, eval_gen)
-    own_samples = samples  # not None: the final samples do not come from `final` (RU's importance resampling)
+    final = f.final_model(mu)
+    samples = f.final_samples(mu, n, generator(seed + 999))
+    own = samples  # not None: the final samples do not come from `final` (RU's importance resampling)
     if samples is None:
-        samples = sampler.sample(final, n, eval_gen, cond=setup.cond).x0.detach()
-    pre_own = formulation.pretrained_samples(n, generator(seed + 999)) if own_samples is not None else None
+        samples = sampler.sample(final, n, generator(seed + 999), cond=setup.cond).x0.detach()
+    pre_own = f.pretrained_samples(n, generator(seed + 999)) if own is not None else None
     pre_samples = pre_own if pre_own is not None else \
         sampler.sample(setup.pretrained, n, generator(seed + 999), cond=setup.cond).x0.detach()
-    target = formulation.oracle_target(mu)
-    metrics, pre_metrics = {}, {}
+    target = f.oracle_target(mu)
+    metrics, pre_metrics, metric_info = {}, {}, {}
     if setup.evaluate is not None:
         metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None)
         pre_metrics = setup.evaluate(pre_samples, None, None)
-    metric_info = {}
-    metrics = {**formulation.final_metrics(mu), **metrics}  # e.g. RU's importance-weighted KL; measured ones win
-    if own_samples is not None:
-        pre_metrics = {**formulation.final_metrics(torch.zeros_like(mu)), **pre_metrics}
-    if evaluator is not None:
-        suite_metrics, results = evaluator.evaluate(final, int(cfg.train.dual_steps), "final", own_samples)
+    metrics = {**f.final_metrics(mu), **metrics}  # e.g. RU's importance-weighted KL; measured ones win
+    if own is not None:
+        pre_metrics = {**f.final_metrics(torch.zeros_like(mu)), **pre_metrics}
+    if run.evaluator is not None:
+        suite_metrics, results = run.evaluator.evaluate(final, plan.dual_steps, "final", own)
         metrics = {**metrics, **suite_metrics}
-        pre_metrics = {**pre_metrics, **evaluator.evaluate(setup.pretrained, 0, "pretrained", pre_own)[0]}
+        pre_metrics = {**pre_metrics, **run.evaluator.evaluate(setup.pretrained, 0, "pretrained", pre_own)[0]}
         metric_info = {"metric_status": {k: r.get("status") for k, r in results.items()},
                        "metrics_missing": {k: r.get("reason") for k, r in results.items() if r.get("status") != "ok"},
                        "metric_protocols": {k: r.get("protocol") for k, r in results.items() if r.get("protocol")},
-                       "retain_set": evaluator.retain_info}
+                       "retain_set": run.evaluator.retain_info}
     if setup.save_samples is not None:
-        setup.save_samples(run_dir / "samples.npy", samples)
-        setup.save_samples(run_dir / "pretrained_samples.npy", pre_samples)
+        setup.save_samples(plan.run_dir / "samples.npy", samples)
+        setup.save_samples(plan.run_dir / "pretrained_samples.npy", pre_samples)
     if setup.plot is not None:
-        title = f"{cfg.model.name} / {formulation.name.upper()} / {cfg.method.name}"
-        setup.plot(run_dir / "samples.png", pre_samples, samples, target.formulation if target else formulation.name,
+        title = f"{cfg.model.name} / {f.name.upper()} / {cfg.method.name}"
+        setup.plot(plan.run_dir / "samples.png", pre_samples, samples, target.formulation if target else f.name,
                    target.multipliers if target else [float(v) for v in mu], title=title)
-    composed = not formulation.has_primal and not extra  # RU dual-only: the result is the composed score
-    atomic_torch_save({"state_dict": formulation.trainable_state(), "multipliers": mu, "composed": composed},
-                      run_dir / "model.pt")
-    if setup.save_model is not None and not composed:  # e.g. LoRA in diffusers format
-        setup.save_model(run_dir)
+    return {"metrics": metrics, "pretrained_metrics": pre_metrics, "metric_info": metric_info, "target": target}
 
+
+def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dict) -> dict:
+    """Phase 5: the trained weights (``model.pt``, and the family's own format), ``summary.json``
+    with the delivered model's constraints, status and verdict, ``run_info.json``, the table."""
+    cfg, f, setup = plan.cfg, run.formulation, run.setup
+    composed = not f.has_primal and not extra.get("distill_kl")  # RU dual-only: the result is the composed score
+    atomic_torch_save({"state_dict": f.trainable_state(), "multipliers": mu, "composed": composed},
+                      plan.run_dir / "model.pt")
+    if setup.save_model is not None and not composed:  # e.g. LoRA in diffusers format
+        setup.save_model(plan.run_dir)
     tol = float(cfg.train.satisfied_tol)
-    sat = formulation.satisfied(values, thr, tol)
-    names = formulation.constraint_names()
-    status, verdict = outcome(sat, names, formulation.reliability(mu), multipliers.learnable, tol)
+    sat = f.satisfied(values, thr, tol)
+    names = f.constraint_names()
+    status, verdict = outcome(sat, names, f.reliability(mu), run.multipliers.learnable, tol)
+    target = final["target"]
     summary = {
-        **head,
-        "status": status,
-        "verdict": verdict,
-        "constraints_met": all(sat),
+        **_head(plan, run), "status": status, "verdict": verdict, "constraints_met": all(sat),
         "constraints": [{"name": nm, "value": float(v), "threshold": float(b), "pretrained": float(p),
-                         "satisfied": s, "sense": ">=" if formulation.sense == "ge" else "<="}
-                        for nm, v, b, p, s in zip(names, values, thr, driver.pretrained_values, sat)],
+                         "satisfied": s, "sense": ">=" if f.sense == "ge" else "<="}
+                        for nm, v, b, p, s in zip(names, values, thr, run.driver.pretrained_values, sat)],
         "multipliers": [float(v) for v in mu],
         "oracle_target": {"formulation": target.formulation, "multipliers": target.multipliers} if target else None,
-        "threshold_factor": formulation.factor,
-        "metrics": metrics,
-        "pretrained_metrics": pre_metrics,
-        **metric_info,
-        "extra": {**extra, **formulation.diagnostics(mu)},
-        "setup": stable_info,
-        "seed": seed,
+        "threshold_factor": f.factor, "metrics": final["metrics"], "pretrained_metrics": final["pretrained_metrics"],
+        **final["metric_info"], "extra": {**extra, **f.diagnostics(mu)}, "setup": run.stable_info, "seed": plan.seed,
     }
-    if setup.oracle is not None and bool(cfg.train.get("oracle_multipliers", True)) and formulation.oracle_comparable:
+    if setup.oracle is not None and bool(cfg.train.oracle_multipliers) and f.oracle_comparable:
         try:
-            exact_b = setup.oracle.thresholds(formulation.name, formulation.factor)
+            exact_b = setup.oracle.thresholds(f.name, f.factor)
             summary["oracle"] = {"thresholds": exact_b.tolist(),
-                                 "multipliers": setup.oracle.optimal_multipliers(formulation.name, exact_b).tolist()}
+                                 "multipliers": setup.oracle.optimal_multipliers(f.name, exact_b).tolist()}
         except ValueError as exc:
             summary["oracle"] = {"error": str(exc)}
-    finish(summary, status)
-    if show:
-        print_summary(summary, run_dir, wall_time_s=time.time() - t_start)
+    _finish(plan, run, summary, status)
+    if plan.show:
+        print_summary(summary, plan.run_dir, wall_time_s=time.time() - plan.t_start)
     return summary
+
+
+def _head(plan: Plan, run: Run) -> dict:
+    return {"model": str(plan.cfg.model.name), "formulation": run.formulation.name, "method": str(plan.cfg.method.name)}
+
+
+def _finish(plan: Plan, run: Run, summary: dict, status: str) -> dict:
+    """Write ``summary.json`` and ``run_info.json`` and close the logger. ``wall_time_s`` (all sessions
+    of the run together, as in ``run_info.json``) is the one field of ``summary.json`` that differs
+    between two identical runs."""
+    info = run.run_info
+    wall = round(time.time() - plan.t_start, 2)
+    earlier = sum(float(x.get("wall_time_s") or 0.0) for x in info["sessions"][:-1])
+    summary["wall_time_s"] = round(earlier + wall, 2)
+    atomic_write_text(plan.run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    info["status"] = status
+    info["sessions"][-1].update(wall_time_s=wall, train_time_s=round(run.timing.get("train", wall), 2))
+    atomic_write_text(plan.run_dir / RUN_INFO, json.dumps(info, indent=2, default=str))
+    run.logger.finish(summary)
+    return summary
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Run one unlearning experiment and write its outputs to ``run_dir``; returns the summary.
+
+    Five phases: plan the run directory, build the run, solve (the method's dual steps and final
+    fit), finalise (samples, metrics, pictures), write the outputs. A directory that already holds a
+    checkpoint of the same run is resumed from it (``train.resume=auto``); a run that meets a
+    non-finite quantity stops and returns a summary with ``"status": "diverged"``.
+    """
+    plan = plan_run(cfg, run_dir)
+    if plan.done is not None:
+        return plan.done
+    run = build_run(plan)
+    result = solve(plan, run)
+    if isinstance(result, dict):  # diverged, or a non-main data-parallel rank
+        return result
+    mu, values, thr, extra = result
+    final = finalise(plan, run, mu, extra)
+    return write_outputs(plan, run, mu, values, thr, extra, final)
 
 
 def outcome(satisfied: list[bool], names: list[str], unreliable: str | None, constrained: bool,
