@@ -75,7 +75,7 @@ def test_mixed_precision_and_gradient_checkpointing(tmp_path):
 
 
 def _tiny_pipeline(tmp_path, model="tiny_sd"):
-    from unlearn.models.image_setup import components, save_pipeline
+    from unlearn.families.diffusers_family import components, save_pipeline
 
     cfg = compose_cfg([f"model={model}"])
     comps, _ = components(cfg.model)
@@ -145,12 +145,12 @@ def test_local_folder_loads_and_saved_lora_loads_into_a_diffusers_pipeline(tmp_p
 def test_ddpm_lora_saves_and_loads(tmp_path):
     from diffusers import UNet2DModel
 
-    from unlearn.models.image_setup import load_unet_lora
+    from unlearn.families.ddpm import load_unet_lora
 
     s = _run(["model=tiny_ddpm", "formulation=fu", "model.finetune=lora", "formulation.primal_lr=1e-2"], tmp_path)
     assert s["status"] in FINISHED and (tmp_path / "unet_lora" / "adapter_model.safetensors").exists()
     cfg = compose_cfg(["model=tiny_ddpm"])
-    from unlearn.models.image_setup import components
+    from unlearn.families.diffusers_family import components
 
     unet = components(cfg.model)[0]["unet"]
     x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 600])

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what is accepted."""
 
 
-REQUIRED = {"model": ("name", "_target_", "sampler"), "formulation": ("name", "_target_", "threshold_factor"),
+REQUIRED = {"model": ("name", "family", "sampler"), "formulation": ("name", "_target_", "threshold_factor"),
             "method": ("name", "_target_"), "train": ("dual_steps", "primal_steps_per_dual", "final_samples")}
 
 

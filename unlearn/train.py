@@ -18,6 +18,7 @@ from .checkpoint import (CHECKPOINT, FORMAT, FORMAT_VERSION, RUN_INFO, RunDirErr
 from .config import ConfigError, validate_config
 from .distributed import get_dist
 from .dual import build_multipliers
+from .families import build_setup, family_class
 from .logger import RunLogger
 from .primal_dual import Diverged, PrimalDual
 from .provenance import device_info, git_state, package_versions, session, split_volatile
@@ -42,7 +43,8 @@ def build(cfg: DictConfig, show_progress: bool = True):
     fixed = not bool(cfg.method.get("learnable", True))
     formulation_cls = _resolve(str(cfg.formulation._target_), "formulation._target_")
     formulation_cls.check_config(cfg, fixed)  # fail before any pretraining
-    setup = _resolve(str(cfg.model._target_), "model._target_")(cfg, show_progress=show_progress)
+    family_class(cfg.model.family).validate(cfg.model)
+    setup = build_setup(cfg, formulation_cls.needs, show_progress=show_progress)
     sampler = build_sampler(setup.schedule, cfg.model.sampler)
     gen = generator(int(cfg.seed) + 1_000_003 * get_dist().rank)  # data-parallel ranks draw different batches
     formulation = formulation_cls(cfg.formulation, setup, sampler, gen, fixed_multipliers=fixed,
@@ -311,7 +313,8 @@ def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
     if setup.plot is not None:
         title = f"{cfg.model.name} / {f.name.upper()} / {cfg.method.name}"
         setup.plot(plan.run_dir / "samples.png", pre_samples, samples, target.formulation if target else f.name,
-                   target.multipliers if target else [float(v) for v in mu], title=title)
+                   target.multipliers if target else [float(v) for v in mu], title=title,
+                   trained=f.has_primal or bool(extra.get("distill_kl")))  # RU dual-only: nothing was trained
     return {"metrics": metrics, "pretrained_metrics": pre_metrics, "metric_info": metric_info, "target": target}
 
 

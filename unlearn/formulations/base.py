@@ -31,6 +31,7 @@ class Formulation:
     name: str = ""
     sense: str = "ge"
     has_primal: bool = True
+    needs: frozenset = frozenset()  # what the model family must build: "concepts" and/or "forget_sets"
     oracle_comparable: bool = True  # do the oracle's thresholds mean the same as ours?
 
     def __init__(self, cfg: DictConfig, setup: UnlearningSetup, sampler: GaussianSampler, generator: torch.Generator,

@@ -19,6 +19,7 @@ from .base import Formulation, OracleTarget
 
 class ForwardKLUnlearning(Formulation):
     name = "fu"
+    needs = frozenset({"forget_sets"})  # what the model family builds for it (unlearn.families.NEEDS)
     sense = "ge"
     GROUPINGS = ("per_component", "per_sample")
     oracle_comparable = False  # our constraint is on the forget loss, the oracle's on KL(q_i || p)

@@ -21,6 +21,7 @@ from .base import Formulation, OracleTarget
 
 class LikelihoodUnlearning(Formulation):
     name = "lu"
+    needs = frozenset({"concepts"})  # what the model family builds for it (unlearn.families.NEEDS)
     sense = "le"
     GRADIENTS = ("policy", "reparam", "weighted")
     MIN_CURVATURE_SAMPLES = 32  # samples an estimate needs before its covariance sets the Newton dual step

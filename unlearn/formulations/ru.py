@@ -73,6 +73,7 @@ class Pool:
 
 class ReverseKLUnlearning(Formulation):
     name = "ru"
+    needs = frozenset({"concepts"})  # what the model family builds for it (unlearn.families.NEEDS)
     sense = "ge"
     has_primal = False
 

@@ -214,7 +214,7 @@ class GMMEvaluator:
         np.save(path, samples.detach().cpu().numpy())
 
     def plot(self, path: Path, pretrained_samples: torch.Tensor, samples: torch.Tensor, formulation: str,
-             multipliers, title: str = ""):
+             multipliers, title: str = "", trained: bool = True):
         import matplotlib
 
         matplotlib.use("Agg")

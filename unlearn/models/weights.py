@@ -10,10 +10,6 @@ from pathlib import Path
 
 from ..config import ConfigError
 
-LAYOUTS = {  # sub-folders a diffusers folder of each family must have (each with a config file)
-    "text2img": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "ddpm": ("unet", "scheduler"),
-}
 ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
          "*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"]
 CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json")
@@ -27,22 +23,23 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def check_layout(root: Path, family: str, key: str = "model.path") -> None:
-    missing = [d for d in LAYOUTS[family] if not any((root / d / f).exists() for f in CONFIG_FILES)]
+def check_layout(root: Path, layout: tuple[str, ...], key: str = "model.path") -> None:
+    """``layout``: the sub-folders a diffusers folder of the family must have (each with a config file)."""
+    missing = [d for d in layout if not any((root / d / f).exists() for f in CONFIG_FILES)]
     if missing:
         raise ConfigError(f"{key}={str(root)!r} is not a diffusers folder of this model: missing "
-                          f"{', '.join(d + '/' for d in missing)} (expected {', '.join(d + '/' for d in LAYOUTS[family])}"
+                          f"{', '.join(d + '/' for d in missing)} (expected {', '.join(d + '/' for d in layout)}"
                           f" as written by DiffusionPipeline.save_pretrained)")
 
 
-def locate_weights(name: str, hub_id: str | None, path: str | None, family: str, revision: str | None = None) -> Path:
+def locate_weights(name: str, hub_id: str | None, path: str | None, layout: tuple[str, ...], revision: str | None = None) -> Path:
     """The local folder holding the model's diffusers layout; downloads when allowed and reachable."""
     if path:
         root = Path(str(path)).expanduser()
         if not root.is_dir():
             raise MissingWeightsError(f"model.path={str(root)!r} does not exist; point it at a folder written by "
                                       f"DiffusionPipeline.save_pretrained (or `hf download {hub_id}`)")
-        check_layout(root, family)
+        check_layout(root, layout)
         return root
     if not hub_id:
         raise ConfigError(f"model {name}: set model.hub_id or model.path")
@@ -52,7 +49,7 @@ def locate_weights(name: str, hub_id: str | None, path: str | None, family: str,
            f"or set model.path=/path/to/a/local/copy")
     try:
         root = Path(snapshot_download(hub_id, revision=revision, allow_patterns=ALLOW, local_files_only=True))
-        check_layout(root, family, key=f"the cached copy of {hub_id}")
+        check_layout(root, layout, key=f"the cached copy of {hub_id}")
         return root
     except ConfigError:
         raise
@@ -66,5 +63,5 @@ def locate_weights(name: str, hub_id: str | None, path: str | None, family: str,
     except Exception as exc:
         raise MissingWeightsError(f"model {name} ({hub_id}) is not in the Hugging Face cache and could not be "
                                   f"downloaded ({type(exc).__name__}): {how}") from None
-    check_layout(root, family, key=f"the downloaded copy of {hub_id}")
+    check_layout(root, layout, key=f"the downloaded copy of {hub_id}")
     return root

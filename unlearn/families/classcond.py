@@ -1,0 +1,64 @@
+"""Class-conditional pixel UNets (UNet2DModel with class embeddings; label ``num_classes`` is the
+null class of classifier-free guidance). The model generates ``model.classes.retain`` (null: the
+unconditional model) and each label in ``model.classes.unlearn`` is one concept ``q_i`` (its
+guided class-conditional view; LU's likelihoods use the plain conditional model)."""
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from ..config import ConfigError
+from ..models.diffusers_models import Guidance
+from .base import register_family
+from .diffusers_family import DiffusersFamily, Roles
+
+
+@register_family("classcond")
+class ClassConditional(DiffusersFamily):
+    conditioning = "class"
+
+    def unet_conditioning(self, unet) -> str:
+        return "class" if unet.config.get("num_class_embeds") else "none"
+
+    @classmethod
+    def validate(cls, m) -> None:
+        super().validate(m)
+        c = m.get("classes")
+        n = int(m.num_classes)
+        unl = list(c.get("unlearn") or []) if c is not None else []
+        if not unl or any(not isinstance(i, int) or not 0 <= i < n for i in unl):
+            raise ConfigError(f"model.classes.unlearn must list class labels in 0..{n - 1} (got {unl})")
+        ret = c.get("retain")
+        if ret is not None and any(not isinstance(i, int) or not 0 <= i < n for i in list(ret)):
+            raise ConfigError(f"model.classes.retain must be null (unconditional) or class labels in 0..{n - 1} "
+                              f"(got {list(ret)})")
+        if float(m.guidance_scale) < 1.0:
+            raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
+
+    def roles(self, gen: torch.Generator) -> Roles:
+        m, C = self.m, self.m.classes
+        null = torch.tensor([int(m.num_classes)])  # the classifier-free guidance null label
+        ret = torch.tensor(list(C.retain)) if C.get("retain") is not None else null
+        unl = [int(i) for i in C.unlearn]
+        g = float(m.guidance_scale)
+        labels = [f"{m.class_prefix}{i}" for i in unl]
+        concepts = [self.view(Guidance(torch.tensor([i]), null, g), trained=False, name=n) for i, n in zip(unl, labels)]
+        data_unlearning = "forget_sets" in self.needs and bool(m.get("forget_indices"))
+        return Roles(
+            model=self.view(Guidance(ret, null, g), trained=True, name="model"),
+            pretrained=self.view(Guidance(ret, null, g), trained=False, name="pretrained"),
+            # data unlearning: each training image its own constraint
+            names=[f"train image {i}" for i in m.forget_indices] if data_unlearning else labels,
+            concepts=concepts,
+            forget_sets=self.forget_sets(concepts, gen) if "forget_sets" in self.needs else [],
+            likelihood_concepts=[self.view(torch.tensor([i]), trained=False, name=n) for i, n in zip(unl, labels)],
+            likelihood_reference=self.view(null, trained=False, name="unconditional"),
+            rows=[(n, Guidance(torch.tensor([i]), null, g)) for i, n in zip(unl, labels)],
+            retain_label="unconditional" if C.get("retain") is None else f"classes {list(C.retain)}",
+            prompts=labels, info={"classes": OmegaConf.to_container(C)},
+            reference_images=self.real_retain_images([] if "forget_sets" in self.needs else unl))
+
+    def real_retain_images(self, unlearn_classes: list[int]):
+        """The family's real retain images in [0, 1] (KID's reference with ``metrics.retain.source=data``),
+        or None: a class-conditional model from the hub brings no data."""
+        return None

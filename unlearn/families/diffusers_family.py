@@ -1,0 +1,345 @@
+"""The image families on diffusers UNets: what they share (components, LoRA, conditioned views of
+one UNet, images in and out, forget and retain data, pictures, export). Each family module
+(:mod:`.text2img`, :mod:`.ddpm`, :mod:`.classcond`, :mod:`.digits`) subclasses
+:class:`DiffusersFamily` with its component classes, its conditioning and its roles.
+
+What is trained: LoRA adapters (peft) on the layers ``model.lora.target_modules`` selects with the
+base frozen, or the whole UNet (``model.finetune=full``). With LoRA the pretrained model is the
+same UNet with the adapters switched off, so it costs no second copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import ConfigError
+from ..imageio import image_files, load_images, save_grid
+from ..models.diffusers_models import DTYPES, ConditionedView, DiffusersScore, add_lora, schedule_from_scheduler_config
+from ..models.weights import locate_weights
+from ..samplers import build_sampler
+from ..setup import UnlearningSetup
+from ..utils import generator
+from .base import Family, family_class
+
+log = logging.getLogger(__name__)
+FINETUNES = ("lora", "full")
+
+
+@dataclass
+class Roles:
+    """The score models a family hands to the formulations (see :class:`~unlearn.setup.UnlearningSetup`)."""
+
+    model: Any
+    pretrained: Any
+    names: list[str]
+    concepts: list = field(default_factory=list)
+    forget_sets: list = field(default_factory=list)
+    likelihood_concepts: list | None = None
+    likelihood_reference: Any = None
+    rows: list = field(default_factory=list)      # (name, condition): each concept before / after in the picture
+    retain_label: str | None = None               # what the model generates, as shown in the picture
+    prompts: list[str] | None = None              # the unlearning prompts (CLIP score)
+    reference_images: Any = None                  # real retain images for KID (metrics.retain.source=data)
+    info: dict = field(default_factory=dict)
+
+
+class DiffusersFamily(Family):
+    """Everything a run needs from a diffusers image model, built from ``cfg.model``."""
+
+    LAYOUT: ClassVar[tuple[str, ...]] = ("unet", "scheduler")  # sub-folders of its diffusers folder
+    conditioning: ClassVar[str] = "none"                        # what its UNet takes: none | class | text
+
+    # -- config ---------------------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, m: DictConfig) -> None:
+        if str(m.finetune) not in FINETUNES:
+            raise ConfigError(f"model.finetune must be one of {list(FINETUNES)} (got {m.finetune!r})")
+        if str(m.precision) not in DTYPES:
+            raise ConfigError(f"model.precision must be one of {list(DTYPES)} (got {m.precision!r})")
+        if str(m.device) not in ("auto", "cpu", "cuda") and not str(m.device).startswith("cuda:"):
+            raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N (got {m.device!r})")
+        if int(m.max_batch) < 1:
+            raise ConfigError(f"model.max_batch must be >= 1 (got {m.max_batch})")
+        for f in list(m.get("forget_images") or []):
+            if not Path(str(f)).is_file():
+                raise ConfigError(f"model.forget_images: {f!r} is not a file")
+        rf = m.get("retain_folder")
+        if rf and not Path(str(rf)).is_dir():
+            raise ConfigError(f"model.retain_folder={rf!r} is not a folder")
+
+    # -- components -----------------------------------------------------------------------------------
+    @classmethod
+    def tiny_components(cls, t: dict) -> dict:
+        """Random-weight models of the real classes from ``model.tiny`` (no download)."""
+        from diffusers import UNet2DModel
+
+        return {"unet": UNet2DModel(**t["unet"])}
+
+    @classmethod
+    def load_components(cls, root: Path, dtype) -> dict:
+        from diffusers import UNet2DModel
+
+        return {"unet": UNet2DModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype)}
+
+    @classmethod
+    def pipeline(cls, comps: dict, scheduler: dict):
+        """The diffusers pipeline of these components (what ``model.path`` accepts once saved)."""
+        from diffusers import DDPMPipeline, DDPMScheduler
+
+        return DDPMPipeline(unet=comps["unet"], scheduler=DDPMScheduler(**scheduler))
+
+    @classmethod
+    def components(cls, m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:
+        """The model's components and where they came from (``model.tiny`` or the weights folder)."""
+        if m.get("tiny") is not None and not m.get("path"):
+            t = OmegaConf.to_container(m.tiny, resolve=True)
+            torch.manual_seed(int(t.get("seed", 0)))
+            return {**cls.tiny_components(t), "scheduler": dict(t["scheduler"])}, \
+                "tiny (random weights built from model.tiny)"
+        root = locate_weights(str(m.name), m.get("hub_id"), m.get("path"), cls.LAYOUT, m.get("revision"))
+        dtype = DTYPES[str(m.precision)] if str(m.finetune) == "lora" else torch.float32
+        sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        return {**cls.load_components(root, dtype), "scheduler": sched}, str(root)
+
+    # -- building -------------------------------------------------------------------------------------
+    def __init__(self, cfg: DictConfig, needs: frozenset = frozenset(), show_progress: bool = True):
+        super().__init__(cfg, needs, show_progress)
+        m = self.m
+        self.device = _device(m)
+        self.dtype = DTYPES[str(m.precision)]
+        self.comps, self.source = self.components(m, str(cfg.paths.cache_dir), show_progress)
+        unet = self.comps["unet"]
+        self.schedule = schedule_from_scheduler_config(self.comps["scheduler"])
+        size = int(unet.config.sample_size)
+        self.lora_config = None
+        if str(m.finetune) == "lora":
+            self.place(unet)
+            lc = m.lora
+            targets = OmegaConf.to_container(lc.target_modules) if OmegaConf.is_config(lc.target_modules) \
+                else str(lc.target_modules)
+            self.lora_config = add_lora(unet, lc.rank, lc.alpha, targets, float(lc.get("dropout", 0.0)),
+                                        seed=int(cfg.seed))
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            pre_unet = None
+        else:
+            unet.to(self.device, torch.float32)
+            pre_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            unet.requires_grad_(True)
+        if bool(m.gradient_checkpointing) and hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
+        unet.train(bool(m.gradient_checkpointing))  # checkpointing is only active in training mode
+        kw = dict(conditioning=self.unet_conditioning(unet),
+                  prediction_type=str(self.comps["scheduler"].get("prediction_type", "epsilon")),
+                  precision=str(m.precision), max_batch=int(m.max_batch))
+        shape = (int(unet.config.in_channels), size, size)
+        self.base = DiffusersScore(unet, self.schedule, shape, **kw)
+        self.pre_base = DiffusersScore(pre_unet, self.schedule, shape, **kw) if pre_unet is not None else self.base
+        self.adapters_off = pre_unet is None  # LoRA: the pretrained model is the base with adapters off
+        self.vae = self.comps.get("vae")
+        if self.vae is not None:
+            self.place(self.vae).requires_grad_(False).eval()
+            self.latent_scale = float(self.vae.config.get("scaling_factor", 0.18215))
+            self.image_size = size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        else:
+            self.image_size = size
+        self.sampler = build_sampler(self.schedule, m.sampler)
+
+    def unet_conditioning(self, unet) -> str:
+        return self.conditioning
+
+    def place(self, module):
+        """Onto the run's device, in ``model.precision`` (cast only when not fp32: diffusers warns on any cast)."""
+        module.to(self.device)
+        return module.to(self.dtype) if self.dtype != torch.float32 else module
+
+    def view(self, cond, trained: bool, name: str):
+        """The shared UNet under one condition: the trainable model (adapters on) or the pretrained one."""
+        base = self.base if trained else self.pre_base
+        return ConditionedView(base, cond, adapters=trained or not self.adapters_off, name=name)
+
+    def roles(self, gen: torch.Generator) -> Roles:
+        """The family's model, pretrained model, concepts and forget sets (``gen``: their samples)."""
+        raise NotImplementedError
+
+    def setup(self) -> UnlearningSetup:
+        m, cfg = self.m, self.cfg
+        gen = generator(int(cfg.seed) + 12345)
+        info = {"weights": self.source, "family": self.name, "finetune": str(m.finetune),
+                "precision": str(m.precision), "device": str(self.device),
+                "trainable_parameters": sum(p.numel() for p in self.base.parameters() if p.requires_grad)}
+        r = self.roles(gen)
+        info.update(r.info)
+        return UnlearningSetup(
+            reference_images=r.reference_images, name=str(m.name), pretrained=r.pretrained, model=r.model,
+            concepts=r.concepts, concept_names=r.names, forget_sets=r.forget_sets,
+            retain_sampler=self.retain_sampler(), oracle=None, plot=self._plotter(r), save_samples=self.save_samples,
+            info=info, likelihood_concepts=r.likelihood_concepts, likelihood_reference=r.likelihood_reference,
+            save_model=lambda run_dir: self.save_unlearned(Path(run_dir)), to_images=self.to_images,
+            from_images=self.from_images, prompts=r.prompts, metric_models=self.metric_models(),
+            evaluate=self.family_metrics)
+
+    # -- data -----------------------------------------------------------------------------------------
+    def dataset(self) -> torch.Tensor | None:
+        """Training images of a family with its own data (model space), or None."""
+        return None
+
+    def forget_sets(self, concept_views: list, gen: torch.Generator) -> list[torch.Tensor]:
+        """Training images (``model.forget_indices``), image files, or samples of each concept view
+        (of the pretrained model without concepts), each its own forget set."""
+        m = self.m
+        idx = list(m.get("forget_indices") or [])
+        if idx:  # specific training images, each its own forget set
+            data = self.dataset()
+            if data is None:
+                raise ConfigError(f"model.forget_indices needs a model with its own training data (model {m.name} "
+                                  f"has none); accepted: model.forget_images (image files)")
+            x = data[idx]
+            return [x[i:i + 1] for i in range(len(x))]
+        files = list(m.get("forget_images") or [])
+        if files:
+            x = self.from_images(load_images(files, self.image_size))
+            per = str(m.get("forget_grouping", "per_image"))
+            return [x[i:i + 1] for i in range(len(x))] if per == "per_image" else [x]
+        n = int(m.get("forget_generated", 0))
+        if n <= 0:
+            raise ConfigError(f"model {m.name}: formulation={self.cfg.formulation.name} needs "
+                              f"model.forget_images (image files) or model.forget_generated > 0 (samples of the "
+                              f"concepts)")
+        if concept_views:  # samples of each concept
+            return [self.sampler.sample(v, n, gen).x0.detach().cpu() for v in concept_views]
+        pre = self.view(None, trained=False, name="pretrained")
+        x = self.sampler.sample(pre, n, gen).x0.detach().cpu()
+        return [x[i:i + 1] for i in range(n)]
+
+    def not_forgotten(self, n: int) -> torch.Tensor:
+        """Mask over the family's ``n`` training images: False at ``model.forget_indices``."""
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[list(self.m.get("forget_indices") or [])] = False
+        return keep
+
+    def retain_sampler(self):
+        """Retain data: the family's training images without the forget images, or ``model.retain_folder``."""
+        m, mode = self.m, str(self.cfg.formulation.get("retain", "auto"))
+        retain_x = None
+        data = self.dataset()
+        if data is not None and mode in ("data", "auto"):
+            retain_x = data[self.not_forgotten(len(data))]  # the retain data never contain the forget images
+        folder = m.get("retain_folder")
+        if mode == "data" and not folder:
+            raise ConfigError(f"formulation.retain=data needs model.retain_folder (an image folder) for model "
+                              f"{m.name}; accepted: formulation.retain=model or auto (pretrained samples)")
+        if folder and mode in ("data", "auto"):
+            files = image_files(folder)
+            if not files:
+                raise ConfigError(f"model.retain_folder={folder!r} holds no images (.png/.jpg/.jpeg/.webp/.bmp)")
+            retain_x = self.from_images(load_images(files, self.image_size))
+        if retain_x is None:
+            return None
+        return lambda n, g: retain_x[torch.randint(0, len(retain_x), (n,), generator=g)]
+
+    # -- the family's own evaluation (families with a classifier, e.g. the digits testbed) -------------
+    def metric_models(self) -> dict:
+        return {}
+
+    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None) -> dict:
+        return {}
+
+    # -- pixels <-> model space -----------------------------------------------------------------------
+    @torch.no_grad()
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model samples -> images (N, 3, H, W) in [0, 1] on the CPU (grey images repeated to RGB)."""
+        if self.vae is None:
+            x = ((x0.float().cpu() + 1) / 2).clamp(0, 1)
+            return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        out, b = [], int(self.m.max_batch)
+        for s in range(0, len(x0), b):
+            z = x0[s:s + b].to(self.device, self.dtype) / self.latent_scale
+            out.append(self.vae.decode(z).sample.float().cpu())
+        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> model samples (VAE latent mean for latent models), on the CPU."""
+        x = images.float() * 2 - 1
+        if self.vae is None:
+            return x.mean(1, keepdim=True) if self.base.sample_shape[0] == 1 and x.shape[1] != 1 else x
+        out, b = [], int(self.m.max_batch)
+        for s in range(0, len(x), b):
+            xs = x[s:s + b].to(self.device, self.dtype)
+            out.append((self.vae.encode(xs).latent_dist.mean * self.latent_scale).float().cpu())
+        return torch.cat(out)
+
+    # -- outputs --------------------------------------------------------------------------------------
+    def save_samples(self, path: Path, samples: torch.Tensor):
+        imgs = self.to_images(samples)
+        np.save(path, (imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+
+    def _plotter(self, r: Roles):
+        def plot(path: Path, pre_samples, samples, formulation, multipliers, title: str = "", trained: bool = True):
+            k = min(8, len(samples))
+            label = f": {r.retain_label!r}" if r.retain_label else ""
+            rows = [("pretrained" + label, self.to_images(pre_samples[:k])),
+                    ("unlearned" + label, self.to_images(samples[:k]))]
+            for p, cond in r.rows:  # each concept, before / after (same noise)
+                pre = self.sampler.sample(self.view(cond, False, p), k, generator(int(self.cfg.seed) + 7)).x0
+                rows.append((f"pretrained: {p!r}", self.to_images(pre)))
+                if trained:
+                    post = self.sampler.sample(self.view(cond, True, p), k, generator(int(self.cfg.seed) + 7)).x0
+                    rows.append((f"unlearned: {p!r}", self.to_images(post)))
+            for i, x in enumerate(r.forget_sets if "forget_sets" in self.needs else []):
+                rows.append((f"forget set {i}", self.to_images(x[:k])))
+            save_grid(path, rows, title)
+        return plot
+
+    def save_unlearned(self, run_dir: Path) -> list[str]:
+        """The full UNet (``unet/``), or the LoRA adapters in the family's format (:meth:`export_lora`)."""
+        unet = self.base.unet
+        if self.lora_config is None:
+            unet.save_pretrained(run_dir / "unet")
+            return ["unet/"]
+        from peft.utils import get_peft_model_state_dict
+
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        return self.export_lora(state, run_dir)
+
+    def export_lora(self, state: dict, run_dir: Path) -> list[str]:
+        """peft's layout in ``run_dir/unet_lora`` (load with :func:`unlearn.families.ddpm.load_unet_lora`)."""
+        from safetensors.torch import save_file
+
+        out = run_dir / "unet_lora"
+        out.mkdir(parents=True, exist_ok=True)
+        self.lora_config.save_pretrained(out)
+        save_file(state, out / "adapter_model.safetensors")
+        return ["unet_lora/"]
+
+
+def _device(m) -> torch.device:
+    d = str(m.device)
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={d} but no CUDA device is available; accepted here: auto, cpu")
+    return torch.device(d)
+
+
+def components(m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:
+    """The components of the image model ``m`` (a ``cfg.model``) and where they came from."""
+    return family_class(m.family).components(m, cache_dir, show_progress)
+
+
+def save_pipeline(m, comps: dict, out_dir: str | Path) -> Path:
+    """Write components as a diffusers pipeline folder (what ``model.path`` accepts)."""
+    out_dir = Path(out_dir)
+    sc = {k: v for k, v in comps["scheduler"].items() if not k.startswith("_")}
+    family_class(m.family).pipeline(comps, sc).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,98 @@
+"""Text-to-image latent diffusion: Stable Diffusion v1.4, BK-SDM-tiny and the offline double
+``tiny_sd`` (UNet2DConditionModel + AutoencoderKL + CLIPTextModel/CLIPTokenizer).
+
+Prompts come from ``model.prompts`` (``retain``: what the model generates and must stay close to;
+``unlearn``: one concept ``q_i`` per prompt), encoded once. Sampling roles use classifier-free
+guidance (``model.guidance_scale``); LU's likelihood ratio compares the plain conditional model of
+each unlearn prompt with the unconditional model (formulas.md, LU). The trained LoRA is written
+in diffusers' format: ``pipeline.load_lora_weights(run_dir)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..config import ConfigError
+from ..models.diffusers_models import Guidance
+from .base import register_family
+from .diffusers_family import DiffusersFamily, Roles
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@register_family("text2img")
+class TextToImage(DiffusersFamily):
+    LAYOUT = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    conditioning = "text"
+
+    @classmethod
+    def validate(cls, m) -> None:
+        super().validate(m)
+        p = m.get("prompts")
+        if p is None or not list(p.get("retain") or []) or not list(p.get("unlearn") or []):
+            raise ConfigError("model.prompts.retain and model.prompts.unlearn must each list at least one prompt")
+        if float(m.guidance_scale) < 1.0:
+            raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
+
+    @classmethod
+    def tiny_components(cls, t: dict) -> dict:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        return {"unet": UNet2DConditionModel(**t["unet"]), "vae": AutoencoderKL(**t["vae"]),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**t["text_encoder"])),
+                "tokenizer": CLIPTokenizer.from_pretrained(str(ASSETS / "tiny_clip_tokenizer"))}
+
+    @classmethod
+    def load_components(cls, root: Path, dtype) -> dict:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return {"unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype),
+                "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype),
+                "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype),
+                "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")}
+
+    @classmethod
+    def pipeline(cls, comps: dict, scheduler: dict):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"],
+                                       tokenizer=comps["tokenizer"], unet=comps["unet"],
+                                       scheduler=DDIMScheduler(**scheduler), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok, te = self.comps["tokenizer"], self.comps["text_encoder"]
+        self.place(te).requires_grad_(False).eval()
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return te(ids)[0].to(self.dtype)
+
+    def roles(self, gen: torch.Generator) -> Roles:
+        P = OmegaConf.to_container(self.m.prompts, resolve=True)
+        e_ret, e_null = self.encode_prompts(P["retain"]), self.encode_prompts([""])
+        e_unl = [self.encode_prompts([p]) for p in P["unlearn"]]
+        g = float(self.m.guidance_scale)
+        concepts = [self.view(Guidance(e, e_null, g), trained=False, name=p) for e, p in zip(e_unl, P["unlearn"])]
+        return Roles(
+            model=self.view(Guidance(e_ret, e_null, g), trained=True, name="model"),
+            pretrained=self.view(Guidance(e_ret, e_null, g), trained=False, name="pretrained"),
+            names=list(P["unlearn"]), concepts=concepts,
+            forget_sets=self.forget_sets(concepts, gen) if "forget_sets" in self.needs else [],
+            likelihood_concepts=[self.view(e, trained=False, name=p) for e, p in zip(e_unl, P["unlearn"])],
+            likelihood_reference=self.view(e_null, trained=False, name="unconditional"),
+            rows=[(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])], retain_label=P["retain"][0],
+            prompts=list(P["unlearn"]), info={"prompts": P, "guidance_scale": g})
+
+    def export_lora(self, state: dict, run_dir: Path) -> list[str]:
+        """diffusers' LoRA file: ``StableDiffusionPipeline.load_lora_weights(run_dir)``."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionPipeline.save_lora_weights(run_dir, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                                  safe_serialization=True)
+        return ["pytorch_lora_weights.safetensors"]
