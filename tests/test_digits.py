@@ -94,7 +94,7 @@ PAPER_RU = ["formulation.separation_cap=null", "formulation.pool_size=2048", "fo
         "likelihood ratio: 5 and 8 rise (retained_share_tv 0.19 at factor 2; README, digits RU)"))),
 ])
 def test_digits_concept_unlearning_removes_the_digit_and_keeps_the_others(formulation, extra, tmp_path):
-    """The issue's check at the preset's default threshold (session 7: LU 7s 0.076 -> 0.034,
+    """The testbed's acceptance check at the preset's default threshold (measured: LU 7s 0.076 -> 0.034,
     retained_share_tv 0.050; RU with the capped separation 1s and 7s 0.182 -> 0.077, 0.050)."""
     from unlearn.figures import retained_share_tv
 

@@ -1,4 +1,4 @@
-"""Metrics of issue 5 (unlearn/metrics) on locally built stand-ins: no downloads, seconds on a CPU."""
+"""The metrics (unlearn/metrics) on locally built stand-ins: no downloads, seconds on a CPU."""
 from __future__ import annotations
 
 import json

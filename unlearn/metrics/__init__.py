@@ -1,4 +1,4 @@
-"""Evaluation metrics for image diffusion models, with their protocols recorded (issue 5).
+"""Evaluation metrics for image diffusion models, with their protocols recorded.
 
 Metrics (paper section 4, formulas.md section 3):
 
