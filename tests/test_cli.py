@@ -28,6 +28,8 @@ BAD = [
     (["formulation=xyz"], "formulation"),
     (["model=sd99"], "model"),
     (["method=foo"], "method"),
+    (["method=esd", "formulation=fu"], "method=esd needs concept models"),
+    (["method=fixed", "method.multiplier=-1"], "method.multiplier"),
     (["formulation=lu", "formulation.gradient=magic"], "formulation.gradient"),
     (["formulation=lu", "formulation.weighted_anchor=maybe"], "formulation.weighted_anchor"),
     (["formulation=lu", "formulation.weighted_correction_min_t=-5"], "formulation.weighted_correction_min_t"),

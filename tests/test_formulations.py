@@ -39,7 +39,7 @@ def test_ru_dual_only_ratio_estimator_finds_oracle_multipliers(g, idx, cap):
     cfg = OmegaConf.create(dict(threshold_factor=1.3, batch_size=256, max_multiplier_sum=0.95, kl_estimator="ratio",
                                 final_samples="resample", pool_size=4096, likelihood_timesteps=32,
                                 separation_cap=cap))
-    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), False, False)
+    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), None, False)
     lr = 0.002 if cap is None else 0.02  # capped values are O(1) nats, the KLs O(20)
     mu, values, thr, _ = PrimalDual(f, DualAscent(len(idx), lr, projection=f.project), 150, 0,
                                     show_progress=False).run()
@@ -59,7 +59,7 @@ def test_ru_resampling_is_systematic_and_paired_with_the_pretrained_samples():
     quantiles, so where the weights are flat the two sets hold the same samples."""
     setup, _ = exact_setup(*GEOMETRIES[1])
     cfg = OmegaConf.create(dict(threshold_factor=1.3, batch_size=16, kl_estimator="ratio", final_samples="resample"))
-    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), False, False)
+    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), None, False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 2, generator=g, dtype=torch.float64)
     llr = torch.randn(200, 2, generator=g, dtype=torch.float64) * 2
@@ -85,7 +85,7 @@ def test_ru_resampling_is_systematic_and_paired_with_the_pretrained_samples():
 def test_ru_projection_keeps_target_proper():
     setup, _ = exact_setup(*GEOMETRIES[1])
     cfg = OmegaConf.create(dict(threshold_factor=50.0, batch_size=16, max_multiplier_sum=0.9))
-    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), False, False)
+    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), None, False)
     d = DualAscent(2, 1.0, projection=f.project)
     d.update(torch.tensor([5.0, 5.0]))
     assert float(d.value().sum()) <= 0.9 + 1e-6 and bool((d.value() >= 0).all())
@@ -129,7 +129,7 @@ def _weighted_lu(setup, anchor: bool):
 
     cfg = OmegaConf.create(dict(gradient="weighted", likelihood="exact", weighted_anchor=anchor, primal_lr=1e-3,
                                 threshold_factor=0.5, batch_size=64, likelihood_timesteps=8, likelihood_noise=1))
-    return LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), False, False)
+    return LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), None, False)
 
 
 def test_anchored_weighted_primal_leaves_the_pretrained_model_alone_at_uniform_weights():
@@ -214,7 +214,7 @@ def _default_ru(g, idx, factor, dual_steps=40):
     cfg.threshold_factor = factor
     method = OmegaConf.load(root / "method" / "constrained.yaml")
     setup, o = exact_setup(g, idx)
-    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), False, False)
+    f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), None, False)
     dual = DualAscent(len(idx), float(cfg.dual_lr), projection=f.project, rule="newton",
                       damping=float(method.newton_damping), max_growth=float(method.newton_max_growth))
     mu, values, thr, extra = PrimalDual(f, dual, dual_steps, 0, show_progress=False).run()
@@ -279,7 +279,7 @@ def _lu(g, idx, overrides=None, seed=0):
     pre = ExactGMMScore(g, SCHED)
     setup = UnlearningSetup("gmm", pre, ResidualScore(pre), [ExactGMMScore(c, SCHED) for c in o.concepts],
                             [str(i) for i in idx], [], oracle=o)
-    f = LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 100), torch.Generator().manual_seed(seed), False, False)
+    f = LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 100), torch.Generator().manual_seed(seed), None, False)
     return f, o
 
 

@@ -19,6 +19,8 @@ GROUP_OPTIONS = [
     ["formulation=ru", "method=constrained", "formulation.distill_steps=2"],
     ["formulation=fu", "method=constrained"],
     ["formulation=fu", "method=baseline"],
+    ["formulation=lu", "method=fixed"],
+    ["formulation=ru", "method=esd", "method.multiplier=0.4"],
     ["formulation=fu", "method=constrained", "formulation.multipliers=per_sample", "formulation.forget_samples=4",
      "formulation.retain=model"],
     ["formulation=ru", "method=constrained", "formulation.kl_estimator=path", "formulation.final_samples=composed",

@@ -63,6 +63,3 @@ def validate_config(cfg: DictConfig) -> None:
         if number("train.baseline_estimate_every", int) < 1:
             raise ConfigError(f"train.baseline_estimate_every must be an integer >= 1 "
                               f"(got {cfg.train.baseline_estimate_every})")
-    if OmegaConf.select(cfg, "method.dual_lr") is not None and bool(cfg.method.get("learnable", True)):
-        if not number("method.dual_lr") > 0:
-            raise ConfigError(f"method.dual_lr must be > 0 (got {cfg.method.dual_lr})")

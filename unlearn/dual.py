@@ -1,5 +1,7 @@
 """Multipliers and how they move: dual ascent (constrained) or fixed weights (baselines).
 
+The methods (``unlearn/methods/``) build them from ``cfg.method``.
+
 Dual ascent uses cooper's :class:`~cooper.multipliers.DenseMultiplier` (non-negativity by
 projection after each step) and a torch optimiser over it with ``maximize=True``; its gradient
 is the constraint violation, so a violated constraint raises its multiplier. We do not use
@@ -249,42 +251,3 @@ class FixedMultipliers(Multipliers):
 
     def set_value(self, mu: torch.Tensor) -> None:
         return None
-
-
-def build_multipliers(method_cfg, formulation) -> Multipliers:
-    """The method config picks the class (``method._target_``): dual ascent or fixed weights."""
-    from hydra.utils import get_class
-
-    target = str(method_cfg.get("_target_", ""))
-    try:
-        cls = get_class(target)
-    except Exception:
-        raise ConfigError(f"method._target_ must name a multipliers class, e.g. unlearn.dual.DualAscent "
-                          f"(got {target!r})") from None
-    return cls.from_config(method_cfg, formulation)
-
-
-def _dual_from_config(cls, cfg, formulation):
-    return cls(formulation.num_constraints, float(cfg.dual_lr), init=float(cfg.get("init", 0.0)),
-               optimizer=str(cfg.get("dual_optimizer", "sgd")), projection=formulation.project,
-               kp=float(cfg.get("dual_kp", 0.0)), ema_nu=float(cfg.get("dual_ema_nu", 0.0)),
-               rule=str(cfg.get("dual_step", "plain")), damping=float(cfg.get("newton_damping", 1.0)),
-               max_growth=float(cfg.get("newton_max_growth", 3.0)))
-
-
-def _fixed_from_config(cls, cfg, formulation):
-    if cfg.get("multiplier") is None:
-        raise ConfigError("method.multiplier must be set for method=baseline (a number >= 0, or one per constraint)")
-    from omegaconf import OmegaConf
-
-    value = cfg.multiplier
-    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    try:
-        value = torch.as_tensor(value, dtype=torch.float32)
-    except Exception:
-        raise ConfigError(f"method.multiplier must be a number or a list of numbers (got {value!r})") from None
-    return cls(formulation.baseline_multipliers(value))
-
-
-DualAscent.from_config = classmethod(_dual_from_config)
-FixedMultipliers.from_config = classmethod(_fixed_from_config)

@@ -33,7 +33,9 @@ LABELS = {
     "retained_share_tv": "other classes' proportions: TV to pretrained",
 }
 STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (threshold factor b)"),
-         "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)")}
+         "baseline": dict(color="tab:orange", marker="s", label="baseline (fixed weight w)"),
+         "fixed": dict(color="tab:green", marker="^", label="fixed weights (w)"),
+         "esd": dict(color="tab:red", marker="v", label="ESD-style target (eta w)")}  # one style per method
 
 
 def retained_share_tv(summary: dict):
@@ -77,9 +79,10 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
         method = s.get("method") or (cfg.get("method") or {}).get("name")
         factor = s.get("threshold_factor", (cfg.get("formulation") or {}).get("threshold_factor"))
         weight = (cfg.get("method") or {}).get("multiplier")
+        learnable = _learnable(method)  # dual ascent reads the threshold factor, fixed weights their multiplier
         row = {"run": d.name, "status": s.get("status", "completed"), "method": method,
-               "formulation": s.get("formulation"), "threshold_factor": factor if method == "constrained" else None,
-               "fixed_weight": weight if method == "baseline" else None,
+               "formulation": s.get("formulation"), "threshold_factor": factor if learnable is True else None,
+               "fixed_weight": weight if learnable is False else None,
                "multipliers": json.dumps(s.get("multipliers")) if "multipliers" in s else "",
                "x_metric": x, "y_metric": y, "x": None, "y": None, "error": s.get("error", "")}
         if row["status"] == "diverged":
@@ -102,6 +105,14 @@ def collect(sweep_dir: Path, x: str, y: str) -> list[dict]:
     return rows
 
 
+def _learnable(method) -> bool | None:
+    """Whether the registered method ``method`` moves its multipliers (``None``: no such method)."""
+    from .methods import METHODS
+
+    cls = METHODS.get(str(method))
+    return None if cls is None else bool(cls.learnable)
+
+
 def _wall_time(run_dir: Path):
     """Wall-clock seconds over every session of the run (``run_info.json``), if recorded."""
     try:
@@ -112,9 +123,9 @@ def _wall_time(run_dir: Path):
 
 
 def _point_label(r: dict) -> str:
-    if r["method"] == "constrained" and r.get("threshold_factor") is not None:
+    if r.get("threshold_factor") is not None:  # set for dual ascent only (collect)
         return f"b={r['threshold_factor']:g}"
-    if r["method"] == "baseline" and r.get("fixed_weight") is not None:
+    if r.get("fixed_weight") is not None:  # set for fixed weights only
         return f"w={r['fixed_weight']:g}"
     return str(r["run"])
 
@@ -149,8 +160,7 @@ def plot_tradeoff(rows: list[dict], title: str, path_stem: Path, ax=None):
         if ok:
             ax.plot([r["x"] for r in ok], [r["y"] for r in ok], linestyle="-", alpha=0.6, **st)
             for r in ok:
-                lab = f"b={r['threshold_factor']:g}" if method == "constrained" else f"w={r['fixed_weight']:g}"
-                ax.annotate(lab, (r["x"], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                ax.annotate(_point_label(r), (r["x"], r["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=st["color"])
             flagged = [r for r in ok if r["status"] != "completed"]
             if flagged:  # a result, but outside its constraints or with estimates that did not hold
@@ -284,13 +294,13 @@ def figure1(out_dir: Path, means=((-2, 0), (2, 0), (0, 3)), stds=(0.5, 0.5, 0.5)
     write_csv(rows, out_dir / "fig1.csv")
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
     ext = [base.axes[0][0], base.axes[0][-1], base.axes[1][0], base.axes[1][-1]]
-    for ax, (name, v, logp) in zip(axes, panels):
+    for k, (ax, (name, v, logp)) in enumerate(zip(axes, panels)):
         ax.imshow(torch.exp(logp).reshape(base.shape).T.numpy(), origin="lower", extent=ext, cmap="viridis")
         for i in unlearn:
             ax.scatter(*g.means[i].numpy(), marker="x", c="red", s=60)
         t = name if v is None else f"{name} target (multiplier {v:.3g})"
-        if v is not None:
-            r = next(r for r in rows if r["formulation"] == name.lower())
+        if v is not None:  # panels after the first follow the rows
+            r = rows[k - 1]
             t += f"\nKL to retained modes {r['kl_to_retained']:.2f} nats"
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("x_1")
@@ -319,8 +329,8 @@ def density_panels(sweep_dir: Path, rows: list[dict], out_stem: Path, title: str
     from .models.gmm_setup import GMMEvaluator
 
     done = [r for r in rows if r["status"] in FINISHED and r["x"] is not None]
-    cons = sorted([r for r in done if r["method"] == "constrained"], key=lambda r: r["x"])
-    base = [r for r in done if r["method"] == "baseline"]
+    cons = sorted([r for r in done if r.get("threshold_factor") is not None], key=lambda r: r["x"])  # dual ascent
+    base = [r for r in done if r.get("fixed_weight") is not None]  # fixed weights
     if not cons or not base:
         return None
     c = cons[len(cons) // 2]
@@ -332,7 +342,8 @@ def density_panels(sweep_dir: Path, rows: list[dict], out_stem: Path, title: str
     sc = np.load(Path(sweep_dir) / c["run"] / "samples.npy")
     sb = np.load(Path(sweep_dir) / b["run"] / "samples.npy")
     grid = ev.metric_grid(np.concatenate([pre, sc, sb]), None, None)
-    panels = [("pretrained", pre), (f"baseline w={b['fixed_weight']:g}\nE[l]={b['x']:.3f}, KL ret={b['y']:.2f}", sb),
+    panels = [("pretrained", pre),
+              (f"{b['method']} w={b['fixed_weight']:g}\nE[l]={b['x']:.3f}, KL ret={b['y']:.2f}", sb),
               (f"constrained b={c['threshold_factor']:g}\nE[l]={c['x']:.3f}, KL ret={c['y']:.2f}", sc)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
     ext = [grid.axes[0][0], grid.axes[0][-1], grid.axes[1][0], grid.axes[1][-1]]

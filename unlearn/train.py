@@ -17,7 +17,6 @@ from .checkpoint import (CHECKPOINT, FORMAT, FORMAT_VERSION, RUN_INFO, RunDirErr
                          read_run_info, result_hash, resume_hash, save_checkpoint)
 from .config import ConfigError, validate_config
 from .distributed import get_dist
-from .dual import build_multipliers
 from .families import build_setup, family_class
 from .logger import RunLogger
 from .primal_dual import Diverged, PrimalDual
@@ -38,18 +37,21 @@ def _resolve(target: str, key: str):
 
 
 def build(cfg: DictConfig, show_progress: bool = True):
-    """Build the setup, sampler, formulation and multipliers a config describes."""
+    """Build the setup, sampler, formulation and multipliers a config describes (the method, which
+    solves the formulation's problem, is ``formulation.method``)."""
+    from .methods import build_method
+
     validate_config(cfg)
-    fixed = not bool(cfg.method.get("learnable", True))
     formulation_cls = _resolve(str(cfg.formulation._target_), "formulation._target_")
-    formulation_cls.check_config(cfg, fixed)  # fail before any pretraining
+    method = build_method(cfg.method).resolve(formulation_cls)  # e.g. method=baseline: the paper's baseline
+    method.check_config(cfg, formulation_cls)  # fail before any pretraining
+    formulation_cls.check_config(cfg, method)
     family_class(cfg.model.family).validate(cfg.model)
     setup = build_setup(cfg, formulation_cls.needs, show_progress=show_progress)
     sampler = build_sampler(setup.schedule, cfg.model.sampler)
     gen = generator(int(cfg.seed) + 1_000_003 * get_dist().rank)  # data-parallel ranks draw different batches
-    formulation = formulation_cls(cfg.formulation, setup, sampler, gen, fixed_multipliers=fixed,
-                                  show_progress=show_progress)
-    multipliers = build_multipliers(cfg.method, formulation)
+    formulation = formulation_cls(cfg.formulation, setup, sampler, gen, method, show_progress=show_progress)
+    multipliers = method.build_multipliers(formulation)
     return setup, sampler, formulation, multipliers, gen
 
 
@@ -344,9 +346,9 @@ def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dic
     }
     if setup.oracle is not None and bool(cfg.train.oracle_multipliers) and f.oracle_comparable:
         try:
-            exact_b = setup.oracle.thresholds(f.name, f.factor)
+            exact_b = f.oracle_thresholds(setup.oracle, f.factor)
             summary["oracle"] = {"thresholds": exact_b.tolist(),
-                                 "multipliers": setup.oracle.optimal_multipliers(f.name, exact_b).tolist()}
+                                 "multipliers": f.oracle_multipliers(setup.oracle, exact_b).tolist()}
         except ValueError as exc:
             summary["oracle"] = {"error": str(exc)}
     _finish(plan, run, summary, status)

@@ -20,6 +20,34 @@ class OracleTarget:
     multipliers: list[float]
 
 
+FORMULATIONS: dict[str, type["Formulation"]] = {}  # name -> class, filled as the modules are imported
+BUILTIN = ("unlearn.formulations.ru", "unlearn.formulations.lu", "unlearn.formulations.fu")
+
+
+def _import_builtin() -> None:
+    import importlib
+
+    for mod in BUILTIN:  # each registers its class on import
+        importlib.import_module(mod)
+
+
+def formulation_class(formulation) -> type["Formulation"]:
+    """A formulation class, or the registered one of that name (e.g. an :class:`OracleTarget`'s)."""
+    if isinstance(formulation, type) and issubclass(formulation, Formulation):
+        return formulation
+    _import_builtin()
+    try:
+        return FORMULATIONS[str(formulation)]
+    except KeyError:
+        raise ValueError(f"formulation must be one of {sorted(FORMULATIONS)} (got {formulation!r})") from None
+
+
+def formulation_names(keep=lambda cls: True) -> list[str]:
+    """The registered formulations' names (those ``keep`` accepts), sorted."""
+    _import_builtin()
+    return sorted(n for n, c in FORMULATIONS.items() if keep(c))
+
+
 class Formulation:
     """An unlearning problem: objective, constraints and the primal step of its Lagrangian.
 
@@ -33,40 +61,53 @@ class Formulation:
     has_primal: bool = True
     needs: frozenset = frozenset()  # what the model family must build: "concepts" and/or "forget_sets"
     oracle_comparable: bool = True  # do the oracle's thresholds mean the same as ours?
+    paper_baseline: str = "fixed"   # the registered method ``method=baseline`` runs (the paper's baseline)
+    has_esd_target: bool = False    # concept models give the ESD-style target (method=esd)
+    exact_constraint_metric: str | None = None  # the model family's metric that is this constraint, exactly
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            FORMULATIONS[cls.name] = cls
 
     def __init__(self, cfg: DictConfig, setup: UnlearningSetup, sampler: GaussianSampler, generator: torch.Generator,
-                 fixed_multipliers: bool, show_progress: bool = True):
+                 method=None, show_progress: bool = True):
+        """``method``: the :class:`~unlearn.methods.base.Method` solving this problem (``None``: the
+        Lagrangian's primal, as under dual ascent)."""
         self.cfg, self.setup, self.sampler, self.gen = cfg, setup, sampler, generator
-        self.fixed = fixed_multipliers
+        self.method = method
         self.show_progress = show_progress
         factor = float(cfg.threshold_factor)
         if not factor > 0:
             raise ConfigError(f"formulation.threshold_factor must be > 0 (got {factor})")
         self.factor = factor
 
+    @property
+    def distils_target(self) -> bool:
+        """Whether the method has the primal distil a fixed target (ESD-style) instead of minimising
+        the Lagrangian."""
+        return bool(getattr(self.method, "target_distillation", False))
+
     @classmethod
-    def check_config(cls, cfg: DictConfig, fixed: bool) -> None:
+    def check_config(cls, cfg: DictConfig, method=None) -> None:
         """Checks that need no model, run before any pretraining (override to add more).
-        ``threshold_factor > 0`` is checked by :func:`unlearn.config.validate_config` before this."""
-        if fixed:
-            vals = cls.fixed_multiplier_values(cfg)
-            if any(x < 0 for x in vals):
-                raise ConfigError(f"method.multiplier must be >= 0 (got {vals})")
+        ``threshold_factor > 0`` is checked by :func:`unlearn.config.validate_config` before this;
+        ``method.multiplier`` by the method (:meth:`~unlearn.methods.base.Method.fixed_values`)."""
 
-    @staticmethod
-    def fixed_multiplier_values(cfg: DictConfig) -> list[float]:
-        """``method.multiplier`` as a list of floats (one number gives a one-element list)."""
-        from omegaconf import OmegaConf
+    @classmethod
+    def constraint_count(cls, cfg: DictConfig) -> int | None:
+        """The number of constraints the config gives, where it is known before the model is built."""
+        return None
 
-        v = cfg.method.get("multiplier")
-        if v is None:
-            raise ConfigError("method.multiplier must be set for method=baseline (a number >= 0, or one per constraint)")
-        vals = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-        vals = vals if isinstance(vals, list) else [vals]
-        try:
-            return [float(x) for x in vals]
-        except (TypeError, ValueError):
-            raise ConfigError(f"method.multiplier must be a number or a list of numbers (got {v!r})") from None
+    @classmethod
+    def check_multipliers(cls, values: torch.Tensor, count: int | None) -> None:
+        """The formulation's own condition on fixed multipliers (raise a ConfigError naming
+        ``method.multiplier``); ``count``: the number of constraints where known."""
+
+    @classmethod
+    def esd_multipliers(cls, eta: torch.Tensor) -> torch.Tensor:
+        """This formulation's multipliers of the ESD-style target with strengths ``eta`` (``has_esd_target``)."""
+        raise NotImplementedError(f"formulation {cls.name} has no ESD-style target")
 
     # -- constraints -------------------------------------------------------------------------
     def constraint_names(self) -> list[str]:
@@ -132,17 +173,6 @@ class Formulation:
         why not and which setting to change; such a run is reported ``unreliable``, never as met."""
         return None
 
-    def baseline_multipliers(self, value) -> torch.Tensor:
-        v = torch.as_tensor(value, dtype=torch.float32).flatten()
-        if v.numel() == 1:
-            v = v.expand(self.num_constraints).clone()
-        if v.numel() != self.num_constraints:
-            raise ConfigError(f"method.multiplier must be one number or a list of {self.num_constraints} "
-                              f"(got {v.numel()})")
-        if bool((v < 0).any()):
-            raise ConfigError(f"method.multiplier must be >= 0 (got {v.tolist()})")
-        return v
-
     # -- primal ------------------------------------------------------------------------------
     def primal_step(self, multipliers: torch.Tensor) -> dict:
         return {}
@@ -180,6 +210,52 @@ class Formulation:
 
     def oracle_target(self, multipliers: torch.Tensor) -> OracleTarget | None:
         return OracleTarget(self.name, [float(v) for v in multipliers])
+
+    # -- the exact side (a model family with an oracle: the GMM's grid quadrature) ---------------
+    # Each formulation states its exact problem through the oracle's named primitives; the oracle's
+    # by-name methods (``GMMOracle.target_log_density("ru", ...)``) look the class up in the registry.
+    @classmethod
+    def oracle_options(cls, cfg: DictConfig) -> dict:
+        """Keyword arguments of the oracle that this formulation's config sets (e.g. RU's cap)."""
+        return {}
+
+    @classmethod
+    def oracle_log_target(cls, oracle, multipliers, grid=None):
+        """``(grid, log-density)``: the exact optimal target at ``multipliers``, normalised on ``grid``
+        (default: the grid the target needs)."""
+        raise NotImplementedError(f"formulation {cls.name} has no exact target")
+
+    @classmethod
+    def oracle_grid(cls, oracle, multipliers):
+        """The grid the exact target needs where it reaches beyond the mixture's (``None``: it does not)."""
+        return None
+
+    @classmethod
+    def oracle_values(cls, oracle, multipliers):
+        """The constraint quantities at the exact target of ``multipliers`` (a numpy array)."""
+        raise NotImplementedError(f"formulation {cls.name} has no exact constraint values")
+
+    @classmethod
+    def oracle_pretrained_values(cls, oracle):
+        """The exact constraint quantities of the pretrained model (multipliers 0)."""
+        import numpy as np
+
+        return cls.oracle_values(oracle, np.zeros(len(oracle.concepts)))
+
+    @classmethod
+    def oracle_thresholds(cls, oracle, factor: float):
+        """The exact thresholds at ``threshold_factor`` (default ``factor`` times each pretrained value)."""
+        return factor * cls.oracle_pretrained_values(oracle)
+
+    @classmethod
+    def oracle_dual(cls, oracle, multipliers, thresholds):
+        """The exact dual function and its gradient (the constraints' slack): ``(value, gradient)``."""
+        raise NotImplementedError(f"formulation {cls.name} has no exact dual")
+
+    @classmethod
+    def oracle_multipliers(cls, oracle, thresholds):
+        """The exact optimal multipliers for ``thresholds`` (the maximiser of :meth:`oracle_dual`)."""
+        raise NotImplementedError(f"formulation {cls.name} has no exact optimal multipliers")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -6,7 +6,8 @@ rise to ``threshold_factor`` times its pretrained value (the forget loss stands 
 ``KL(q_i || p)`` up to a constant). It is measured with fixed evaluation noise (common random
 numbers), so the pretrained and the current model are compared on the same draws.
 ``multipliers: per_sample`` gives each forget sample its own constraint and multiplier.
-Baseline: one fixed equal weight for every forget constraint (SISS without importance sampling).
+Baseline (``method=fixed``, the paper's ``method=baseline``): one fixed equal weight for every forget
+constraint (SISS without importance sampling).
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ class ForwardKLUnlearning(Formulation):
                                          float(self.cfg.get("weight_decay", 0.0)))
 
     @classmethod
-    def check_config(cls, cfg, fixed):
-        super().check_config(cfg, fixed)
+    def check_config(cls, cfg, method=None):
+        super().check_config(cfg, method)
         if float(cfg.formulation.threshold_factor) <= 1.0:
             raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation=fu (the forget loss must "
                               f"rise above its pretrained value; got {cfg.formulation.threshold_factor})")
@@ -115,4 +116,21 @@ class ForwardKLUnlearning(Formulation):
         w = self._sample_weights(multipliers)
         comp = torch.tensor([self.owner[int(k)] for k in self.index])
         mu = torch.zeros(len(self.setup.forget_sets)).index_add_(0, comp, w)
-        return OracleTarget("fu", mu.tolist())
+        return OracleTarget(self.name, mu.tolist())
+
+    # -- the exact side (KL(q_i || p) of the forget sets' distributions) --------------------------
+    @classmethod
+    def oracle_log_target(cls, oracle, multipliers, grid=None):
+        return oracle.fu_target(multipliers, grid)
+
+    @classmethod
+    def oracle_values(cls, oracle, multipliers):
+        return oracle.fu_values(multipliers)
+
+    @classmethod
+    def oracle_dual(cls, oracle, multipliers, thresholds):
+        return oracle.fu_dual(multipliers, thresholds)
+
+    @classmethod
+    def oracle_multipliers(cls, oracle, thresholds):
+        return oracle.solve_dual(oracle.fu_dual, thresholds, oracle.fu_upper_bounds(), name=cls.name)

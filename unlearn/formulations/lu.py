@@ -5,8 +5,9 @@ denoising errors (Lemma 2). The primal step minimises
 ``E_p[sum_i lam_i l_i(x_0)] + KL(p || p_pre)``: the reward term by a DPOK-style policy gradient
 with a batch-mean baseline (``gradient: policy``) or by back-propagation through the sampler
 (``gradient: reparam``); the KL term is the pathwise KL along the model's own trajectories.
-Under fixed multipliers (``method=baseline``) the primal step instead distils the ESD-style
-concept-erasing target ``eps_pre + eta (eps_pre - eps_q)`` (= RU with ``mu = eta / (1 + eta)``).
+Under a method that distils a fixed target (``method=esd``, LU's paper baseline ``method=baseline``)
+the primal step instead distils the ESD-style concept-erasing target ``eps_pre + eta (eps_pre - eps_q)``
+(= RU with ``mu = eta / (1 + eta)``).
 """
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ from ..estimators import _sqnorm, denoising_loss, log_likelihood_ratio, timestep
 from ..models.base import ComposedScore
 from ..samplers import Trajectory
 from .base import Formulation, OracleTarget
+from .ru import ReverseKLUnlearning
 
 
 class LikelihoodUnlearning(Formulation):
     name = "lu"
     needs = frozenset({"concepts"})  # what the model family builds for it (unlearn.families.NEEDS)
     sense = "le"
+    paper_baseline = "esd"  # the paper's LU baseline distils the ESD-style target
+    has_esd_target = True
+    exact_constraint_metric = "expected_likelihood"
     GRADIENTS = ("policy", "reparam", "weighted")
     MIN_CURVATURE_SAMPLES = 32  # samples an estimate needs before its covariance sets the Newton dual step
     LIKELIHOODS = ("estimator", "exact")
@@ -47,20 +52,26 @@ class LikelihoodUnlearning(Formulation):
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
         self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
-        self._esd_buffer: list = []  # fixed multipliers: trajectories drawn ahead (esd_refresh_every)
+        self._esd_buffer: list = []  # target distillation: trajectories drawn ahead (esd_refresh_every)
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.get("weight_decay", 0.0)))
 
     @classmethod
-    def check_config(cls, cfg, fixed):
-        super().check_config(cfg, fixed)
+    def check_config(cls, cfg, method=None):
+        super().check_config(cfg, method)
         f = cfg.formulation
         cls._check_choices(f)
         reuse = int(f.get("esd_refresh_every", 1))
-        if fixed and int(f.primal_steps_per_dual) % reuse:  # only the ESD-style (baseline) primal uses it
+        distils = bool(getattr(method, "target_distillation", False))
+        if distils and int(f.primal_steps_per_dual) % reuse:  # only the ESD-style primal uses it
             raise ConfigError(f"formulation.esd_refresh_every ({reuse}) must divide formulation.primal_steps_per_dual "
-                              f"({f.primal_steps_per_dual}) for method=baseline: each dual step starts with fresh "
-                              f"trajectories")
+                              f"({f.primal_steps_per_dual}) for method={method.label}: each dual step starts with "
+                              f"fresh trajectories")
+
+    @classmethod
+    def esd_multipliers(cls, eta):
+        """LU's multipliers of the ESD-style target are its strengths ``eta`` (:meth:`esd_target`)."""
+        return torch.as_tensor(eta)
 
     @classmethod
     def _check_choices(cls, f):
@@ -196,7 +207,7 @@ class LikelihoodUnlearning(Formulation):
     def primal_step(self, multipliers):
         model, n = self.setup.model, int(self.cfg.primal_batch_size)
         cond = self.setup.cond
-        if self.fixed:
+        if self.distils_target:
             traj = self._esd_trajectories(n)
             loss = trajectory_kl(model, self.esd_target(multipliers), self.sampler, traj, cond=cond,
                                  num_steps=self.grad_steps, generator=self.gen).mean()
@@ -283,7 +294,7 @@ class LikelihoodUnlearning(Formulation):
         return self._esd_buffer.pop(0)
 
     def prepare(self):
-        if self.gradient == "weighted" and not self.fixed:  # drawn before step 1, so a resume redraws it alike
+        if self.gradient == "weighted" and not self.distils_target:  # drawn before step 1, so a resume redraws it alike
             self._weighted_pool()
 
     def _weighted_pool(self):
@@ -333,7 +344,24 @@ class LikelihoodUnlearning(Formulation):
         return out
 
     def oracle_target(self, multipliers):
-        if self.fixed:  # ESD target p_pre^{1+eta} q^{-eta} = RU target with mu = eta / (1 + eta)
-            eta = torch.as_tensor(multipliers, dtype=torch.float64)
-            return OracleTarget("ru", (eta / (1 + eta.sum())).tolist())
-        return OracleTarget("lu", [float(v) for v in multipliers])
+        if self.distils_target:  # ESD target p_pre^{1+eta} q^{-eta} = RU target with mu = eta / (1 + eta)
+            ru = ReverseKLUnlearning
+            return OracleTarget(ru.name, ru.esd_multipliers(multipliers).tolist())
+        return OracleTarget(self.name, [float(v) for v in multipliers])
+
+    # -- the exact side ---------------------------------------------------------------------------
+    @classmethod
+    def oracle_log_target(cls, oracle, multipliers, grid=None):
+        return oracle.lu_target(multipliers, grid)
+
+    @classmethod
+    def oracle_values(cls, oracle, multipliers):
+        return oracle.lu_values(multipliers)
+
+    @classmethod
+    def oracle_dual(cls, oracle, multipliers, thresholds):
+        return oracle.lu_dual(multipliers, thresholds)
+
+    @classmethod
+    def oracle_multipliers(cls, oracle, thresholds):
+        return oracle.solve_dual(oracle.lu_dual, thresholds, oracle.lu_upper_bounds(), name=cls.name)

@@ -76,6 +76,7 @@ class ReverseKLUnlearning(Formulation):
     needs = frozenset({"concepts"})  # what the model family builds for it (unlearn.families.NEEDS)
     sense = "ge"
     has_primal = False
+    has_esd_target = True
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -93,20 +94,13 @@ class ReverseKLUnlearning(Formulation):
         self.refreshes, self.refresh_log = 0, []
 
     @classmethod
-    def check_config(cls, cfg, fixed):
-        super().check_config(cfg, fixed)
+    def check_config(cls, cfg, method=None):
+        super().check_config(cfg, method)
         est, fin = str(cfg.formulation.get("kl_estimator", "path")), str(cfg.formulation.get("final_samples", "composed"))
         if est not in cls.ESTIMATORS:
             raise ConfigError(f"formulation.kl_estimator must be one of {list(cls.ESTIMATORS)} (got {est!r})")
         if fin not in cls.FINALS:
             raise ConfigError(f"formulation.final_samples must be one of {list(cls.FINALS)} (got {fin!r})")
-        if fixed:
-            vals = cls.fixed_multiplier_values(cfg)
-            m = len(cfg.model.unlearn) if cfg.model.get("unlearn") is not None else 1
-            total = sum(vals) if len(vals) > 1 else vals[0] * m  # one number applies to every concept
-            if total >= 1.0:
-                raise ConfigError(f"method.multiplier: fixed RU multipliers must sum to < 1 (got {total:.4g} "
-                                  f"for {m} concept(s)); accepted: values in [0, 1) whose sum is < 1")
         cap = cfg.formulation.get("separation_cap")
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
@@ -117,6 +111,27 @@ class ReverseKLUnlearning(Formulation):
                                   "formulation.final_samples=resample and formulation.distill_steps=0 (the composed "
                                   f"score samples the uncapped target; got kl_estimator={est}, final_samples={fin}, "
                                   f"distill_steps={cfg.formulation.get('distill_steps', 0)})")
+
+    @classmethod
+    def constraint_count(cls, cfg):
+        """One constraint per concept: ``model.unlearn`` where the model lists them there."""
+        unlearn = cfg.model.get("unlearn")
+        return None if unlearn is None else len(unlearn)
+
+    @classmethod
+    def check_multipliers(cls, values, count):
+        """Fixed RU multipliers must sum to < 1 (the composed target is proper only then)."""
+        total = float(values.double().sum())
+        if total >= 1.0:
+            n = count if count is not None else len(values)
+            raise ConfigError(f"method.multiplier: fixed RU multipliers must sum to < 1 (got sum {total:.4g} over "
+                              f"{n} concept(s)); accepted: values in [0, 1) whose sum is < 1")
+
+    @classmethod
+    def esd_multipliers(cls, eta):
+        """The ESD target ``p_pre prod_i (q_i / p_pre)^-eta_i`` is RU's at ``mu = eta / (1 + sum eta)``."""
+        eta = torch.as_tensor(eta, dtype=torch.float64)
+        return eta / (1 + eta.sum())
 
     ESTIMATORS = ("path", "ratio")
     FINALS = ("composed", "resample")
@@ -351,13 +366,6 @@ class ReverseKLUnlearning(Formulation):
         s = float(mu.sum())
         return mu * (self.max_sum / s) if s > self.max_sum else mu
 
-    def baseline_multipliers(self, value):
-        v = super().baseline_multipliers(value)
-        if float(v.sum()) >= 1.0:
-            raise ConfigError(f"method.multiplier: fixed RU multipliers must sum to < 1 "
-                              f"(got sum {float(v.sum()):.4g} over {len(v)} concepts)")
-        return v
-
     def final_model(self, multipliers):
         return self.setup.model if self.distilled else self.composed(multipliers)
 
@@ -380,3 +388,36 @@ class ReverseKLUnlearning(Formulation):
             last = loss.item()
         self.distilled = True
         return {"distill_kl": last}
+
+    # -- the exact side ---------------------------------------------------------------------------
+    @classmethod
+    def oracle_options(cls, cfg):
+        return {"ru_cap": cfg.get("separation_cap")}
+
+    @classmethod
+    def oracle_log_target(cls, oracle, multipliers, grid=None):
+        return oracle.ru_target(multipliers, grid)
+
+    @classmethod
+    def oracle_grid(cls, oracle, multipliers):
+        return oracle.ru_grid(multipliers)
+
+    @classmethod
+    def oracle_values(cls, oracle, multipliers):
+        return oracle.ru_values(multipliers)
+
+    @classmethod
+    def oracle_thresholds(cls, oracle, factor):
+        """A shared threshold: ``factor`` times the mean pretrained KL (as :meth:`thresholds`)."""
+        import numpy as np
+
+        pre = cls.oracle_pretrained_values(oracle)
+        return np.full(len(pre), factor * pre.mean())
+
+    @classmethod
+    def oracle_dual(cls, oracle, multipliers, thresholds):
+        return oracle.ru_dual(multipliers, thresholds)
+
+    @classmethod
+    def oracle_multipliers(cls, oracle, thresholds):
+        return oracle.solve_dual(oracle.ru_dual, thresholds, oracle.ru_upper_bounds(), max_sum=0.98, name=cls.name)

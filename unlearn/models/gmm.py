@@ -16,6 +16,12 @@ from ..schedule import NoiseSchedule
 from .base import ScoreModel
 
 
+def formulation_class(formulation):
+    from ..formulations.base import formulation_class as lookup  # lazy: the formulations import the models
+
+    return lookup(formulation)
+
+
 class GaussianMixture:
     """Isotropic Gaussian mixture ``sum_k w_k N(m_k, s_k^2 I)`` in ``dim`` dimensions."""
 
@@ -201,8 +207,6 @@ class GMMOracle:
     ``p_pre`` is the mixture, ``q_i`` the component ``unlearn[i]``, ``l_i = q_i / p_pre``.
     """
 
-    FORMULATIONS = ("ru", "fu", "lu")
-
     def __init__(self, gmm: GaussianMixture, unlearn: Sequence[int], grid_size: int = 256,
                  ru_cap: float | None = None):
         if gmm.dim > 2:
@@ -259,120 +263,155 @@ class GMMOracle:
         """Unnormalised log of the RU target ``p_pre exp(-sum_j c_j llr_j)``, ``c = mu / (1 - mu_bar)``."""
         return self.log_pre(x) - (self.ru_log_ratio(x) * (mu / (1 - float(mu.sum())))[None]).sum(1)
 
-    # -- targets -----------------------------------------------------------------------------
-    def target_log_density(self, formulation: str, multipliers, grid: Grid | None = None):
-        """Normalised log-density of the exact optimal target on a grid; returns (grid, logp)."""
+    # -- per-formulation primitives (each formulation states its exact problem with these) --------
+    def _multipliers(self, multipliers) -> torch.Tensor:
         mu = torch.as_tensor(np.asarray(multipliers, dtype=np.float64)).reshape(-1)
         if len(mu) != len(self.unlearn):
             raise ValueError(f"expected {len(self.unlearn)} multipliers, got {len(mu)}")
-        if formulation == "ru":
-            mu_bar = float(mu.sum())
-            if mu_bar >= 1:
-                raise ValueError(f"RU target needs sum of multipliers < 1 (got {mu_bar})")
-            grid = grid or self.grid(self._ru_spread(mu))
-            logp = self._ru_log_target(grid.points, mu)
-        elif formulation == "lu":
-            grid = grid or self.grid()
-            x = grid.points
-            logp = self.log_pre(x) - (self.likelihood(x) * mu[None]).sum(1)
-        elif formulation == "fu":
-            grid = grid or self.grid()
-            x = grid.points
-            p = torch.exp(self.log_pre(x)) - (torch.exp(self.log_q(x)) * mu[None]).sum(1)
-            if float(p.min()) < -1e-12 * float(torch.exp(self.log_pre(x)).max()):
-                raise ValueError("FU target needs p_pre >= sum_i mu_i q_i everywhere")
-            logp = torch.log(torch.clamp(p, min=1e-300))
-        else:
-            raise ValueError(f"formulation must be one of {self.FORMULATIONS}")
-        return grid, grid.normalize_log(logp)
+        return mu
 
-    def constraint_values(self, formulation: str, multipliers) -> np.ndarray:
-        """The constraint quantities of each problem, evaluated at its exact target."""
-        grid, logp = self.target_log_density(formulation, multipliers)
+    def ru_grid(self, multipliers) -> Grid:
+        """The grid RU's target at ``multipliers`` needs (it moves the retained modes outwards)."""
+        return self.grid(self._ru_spread(multipliers))
+
+    def ru_target(self, multipliers, grid: Grid | None = None):
+        """RU (Corollary 1): ``p_pre exp(-sum_j c_j llr_j)``, ``c = mu / (1 - mu_bar)``; returns (grid, logp)."""
+        mu = self._multipliers(multipliers)
+        mu_bar = float(mu.sum())
+        if mu_bar >= 1:
+            raise ValueError(f"RU target needs sum of multipliers < 1 (got {mu_bar})")
+        grid = grid or self.ru_grid(mu)
+        return grid, grid.normalize_log(self._ru_log_target(grid.points, mu))
+
+    def lu_target(self, multipliers, grid: Grid | None = None):
+        """LU: ``p_pre exp(-sum_i lam_i l_i)``; returns (grid, logp)."""
+        mu = self._multipliers(multipliers)
+        grid = grid or self.grid()
         x = grid.points
-        if formulation == "ru":  # KL(p_rev || q_i) = KL(p_rev || p_pre) - E_rev[llr_i], or its capped form
-            kl_pre = grid.kl(logp, grid.normalize_log(self.log_pre(x)))
-            return (kl_pre - grid.expect(logp, self.ru_log_ratio(x))).numpy()
-        if formulation == "lu":  # E_p[l_i]
-            return grid.expect(logp, self.likelihood(x)).numpy()
-        # fu: KL(q_i || p_fw)
+        return grid, grid.normalize_log(self.log_pre(x) - (self.likelihood(x) * mu[None]).sum(1))
+
+    def fu_target(self, multipliers, grid: Grid | None = None):
+        """FU: ``p_pre - sum_i mu_i q_i`` (needs to stay >= 0); returns (grid, logp)."""
+        mu = self._multipliers(multipliers)
+        grid = grid or self.grid()
+        x = grid.points
+        p = torch.exp(self.log_pre(x)) - (torch.exp(self.log_q(x)) * mu[None]).sum(1)
+        if float(p.min()) < -1e-12 * float(torch.exp(self.log_pre(x)).max()):
+            raise ValueError("FU target needs p_pre >= sum_i mu_i q_i everywhere")
+        return grid, grid.normalize_log(torch.log(torch.clamp(p, min=1e-300)))
+
+    def ru_values(self, multipliers) -> np.ndarray:
+        """``KL(p_rev || q_i) = KL(p_rev || p_pre) - E_rev[llr_i]`` at RU's target (or its capped form)."""
+        grid, logp = self.ru_target(multipliers)
+        x = grid.points
+        kl_pre = grid.kl(logp, grid.normalize_log(self.log_pre(x)))
+        return (kl_pre - grid.expect(logp, self.ru_log_ratio(x))).numpy()
+
+    def lu_values(self, multipliers) -> np.ndarray:
+        """``E_p[l_i]`` at LU's target."""
+        grid, logp = self.lu_target(multipliers)
+        return grid.expect(logp, self.likelihood(grid.points)).numpy()
+
+    def fu_values(self, multipliers) -> np.ndarray:
+        """``KL(q_i || p_fw)`` at FU's target."""
+        grid, logp = self.fu_target(multipliers)
+        x = grid.points
         return np.array([grid.kl(grid.normalize_log(q.log_prob(x)), logp) for q in self.concepts])
 
-    def pretrained_values(self, formulation: str) -> np.ndarray:
-        """The constraint quantities of the pretrained model (multipliers 0)."""
-        return self.constraint_values(formulation, np.zeros(len(self.unlearn)))
+    def ru_dual(self, multipliers, thresholds) -> tuple[float, np.ndarray]:
+        mu, b = np.asarray(multipliers, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
+        grid = self.ru_grid(mu)
+        logr = self._ru_log_target(grid.points, torch.as_tensor(mu))
+        logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
+        return float(-(1 - mu.sum()) * logz + mu @ b), np.asarray(b - self.ru_values(mu), dtype=np.float64)
 
-    def thresholds(self, formulation: str, factor: float) -> np.ndarray:
-        """Paper thresholds: RU ``factor * mean_i KL(p_pre||q_i)``; LU/FU ``factor * value_i``."""
-        pre = self.pretrained_values(formulation)
-        if formulation == "ru":
-            return np.full(len(pre), factor * pre.mean())
-        return factor * pre
+    def lu_dual(self, multipliers, thresholds) -> tuple[float, np.ndarray]:
+        mu, b = np.asarray(multipliers, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
+        grid = self.grid()
+        x = grid.points
+        logr = self.log_pre(x) - (self.likelihood(x) * torch.as_tensor(mu)[None]).sum(1)
+        logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
+        return float(-logz - mu @ b), np.asarray(self.lu_values(mu) - b, dtype=np.float64)
 
-    def dual_function(self, formulation: str, multipliers, thresholds) -> tuple[float, np.ndarray]:
-        """Dual value D(mu) and its gradient (the constraint slack), for maximisation."""
-        mu = np.asarray(multipliers, dtype=np.float64)
-        b = np.asarray(thresholds, dtype=np.float64)
-        if formulation == "ru":
-            mu_bar = mu.sum()
-            grid = self.grid(self._ru_spread(mu))
-            logr = self._ru_log_target(grid.points, torch.as_tensor(mu))
-            logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
-            val = -(1 - mu_bar) * logz + mu @ b
-            grad = b - self.constraint_values("ru", mu)
-        elif formulation == "lu":
-            grid = self.grid()
-            x = grid.points
-            logr = self.log_pre(x) - (self.likelihood(x) * torch.as_tensor(mu)[None]).sum(1)
-            logz = float(torch.logsumexp(logr, 0)) + math.log(grid.dv)
-            val = -logz - mu @ b
-            grad = self.constraint_values("lu", mu) - b
-        else:
-            grid, logp = self.target_log_density("fu", mu)
-            x = grid.points
-            p_pre = self.gmm.log_prob(x)
-            qs = self.log_q(x)
-            dv = grid.dv
-            ent = float((torch.exp(p_pre) * p_pre).sum() * dv) - sum(
-                float(mu[i] * (torch.exp(qs[:, i]) * qs[:, i]).sum() * dv) for i in range(len(mu)))
-            mix = torch.exp(p_pre) - (torch.exp(qs) * torch.as_tensor(mu)[None]).sum(1)
-            val = ent - float((mix * logp).sum() * dv) + mu @ b
-            grad = b - self.constraint_values("fu", mu)
-        return float(val), np.asarray(grad, dtype=np.float64)
+    def fu_dual(self, multipliers, thresholds) -> tuple[float, np.ndarray]:
+        mu, b = np.asarray(multipliers, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
+        grid, logp = self.fu_target(mu)
+        x = grid.points
+        p_pre = self.gmm.log_prob(x)
+        qs = self.log_q(x)
+        dv = grid.dv
+        ent = float((torch.exp(p_pre) * p_pre).sum() * dv) - sum(
+            float(mu[i] * (torch.exp(qs[:, i]) * qs[:, i]).sum() * dv) for i in range(len(mu)))
+        mix = torch.exp(p_pre) - (torch.exp(qs) * torch.as_tensor(mu)[None]).sum(1)
+        val = ent - float((mix * logp).sum() * dv) + mu @ b
+        return float(val), np.asarray(b - self.fu_values(mu), dtype=np.float64)
 
-    def optimal_multipliers(self, formulation: str, thresholds) -> np.ndarray:
-        """Exact optimal multipliers for given thresholds (maximise the concave dual)."""
+    def ru_upper_bounds(self) -> list[float]:
+        return [0.98] * len(self.unlearn)
+
+    def lu_upper_bounds(self) -> list[float]:
+        return [1e3] * len(self.unlearn)
+
+    def fu_upper_bounds(self) -> list[float]:
+        """FU's target stays a density while each ``mu_i`` is below the component's weight."""
+        return [float(self.gmm.weights[i]) * (1 - 1e-9) for i in self.unlearn]
+
+    def solve_dual(self, dual, thresholds, upper: list[float], max_sum: float | None = None,
+                   name: str = "") -> np.ndarray:
+        """Maximise a concave dual ``dual(mu, b) -> (value, gradient)`` over ``0 <= mu <= upper`` (and
+        ``sum mu <= max_sum``): the exact optimal multipliers for ``thresholds`` (``name``: the problem's,
+        for the error message)."""
         from scipy.optimize import brentq, minimize
 
         b = np.asarray(thresholds, dtype=np.float64).reshape(-1)
         m = len(self.unlearn)
-        upper = self._upper_bounds(formulation)
         if m == 1:
             def slack(v):
-                return self.dual_function(formulation, [v], b)[1][0]
+                return dual([v], b)[1][0]
             hi = upper[0]
             if slack(0.0) <= 0:  # constraint inactive at the pretrained model
                 return np.zeros(1)
             if slack(hi) > 0:
-                raise ValueError(f"thresholds {b} are infeasible for {formulation}")
+                raise ValueError(f"thresholds {b} are infeasible for {name}")
             return np.array([brentq(slack, 0.0, hi, xtol=1e-10, rtol=1e-10)])
 
         def neg(v):
-            val, grad = self.dual_function(formulation, v, b)
+            val, grad = dual(v, b)
             return -val, -grad
 
         cons = []
-        if formulation == "ru":
-            cons = [{"type": "ineq", "fun": lambda v: 0.98 - v.sum(), "jac": lambda v: -np.ones_like(v)}]
+        if max_sum is not None:
+            cons = [{"type": "ineq", "fun": lambda v: max_sum - v.sum(), "jac": lambda v: -np.ones_like(v)}]
         res = minimize(neg, x0=np.zeros(m), jac=True, method="SLSQP",
                        bounds=[(0.0, u) for u in upper], constraints=cons,
                        options={"ftol": 1e-12, "maxiter": 500})
         return np.clip(res.x, 0, None)
 
-    def _upper_bounds(self, formulation: str) -> list[float]:
-        m = len(self.unlearn)
-        if formulation == "ru":
-            return [0.98] * m
-        if formulation == "fu":
-            return [float(self.gmm.weights[i]) * (1 - 1e-9) for i in self.unlearn]
-        return [1e3] * m
+    # -- by formulation (a name or class, looked up in the formulations' registry) -----------------
+    def target_log_density(self, formulation, multipliers, grid: Grid | None = None):
+        """Normalised log-density of the exact optimal target on a grid; returns (grid, logp)."""
+        return formulation_class(formulation).oracle_log_target(self, multipliers, grid)
+
+    def target_grid(self, formulation, multipliers) -> Grid | None:
+        """The grid the exact target needs where it reaches beyond the mixture's (``None``: it does not)."""
+        return formulation_class(formulation).oracle_grid(self, multipliers)
+
+    def constraint_values(self, formulation, multipliers) -> np.ndarray:
+        """The constraint quantities of each problem, evaluated at its exact target."""
+        return formulation_class(formulation).oracle_values(self, multipliers)
+
+    def pretrained_values(self, formulation) -> np.ndarray:
+        """The constraint quantities of the pretrained model (multipliers 0)."""
+        return formulation_class(formulation).oracle_pretrained_values(self)
+
+    def thresholds(self, formulation, factor: float) -> np.ndarray:
+        """Paper thresholds: RU ``factor * mean_i KL(p_pre||q_i)``; LU/FU ``factor * value_i``."""
+        return formulation_class(formulation).oracle_thresholds(self, factor)
+
+    def dual_function(self, formulation, multipliers, thresholds) -> tuple[float, np.ndarray]:
+        """Dual value D(mu) and its gradient (the constraint slack), for maximisation."""
+        return formulation_class(formulation).oracle_dual(self, multipliers, thresholds)
+
+    def optimal_multipliers(self, formulation, thresholds) -> np.ndarray:
+        """Exact optimal multipliers for given thresholds (maximise the concave dual)."""
+        return formulation_class(formulation).oracle_multipliers(self, thresholds)

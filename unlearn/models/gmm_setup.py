@@ -14,7 +14,7 @@ from ..config import ConfigError
 from ..schedule import build_schedule
 from ..setup import UnlearningSetup
 from ..utils import atomic_torch_save, config_hash, generator
-from .gmm import GaussianMixture, GMMOracle, Grid
+from .gmm import GaussianMixture, GMMOracle, Grid, formulation_class
 from .resnet import ResNetDenoiser
 from .training import fit_denoiser
 
@@ -126,8 +126,8 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSe
         p.requires_grad_(True)
     model.train()
 
-    ru_cap = cfg.formulation.get("separation_cap") if str(cfg.formulation.get("name")) == "ru" else None
-    oracle = GMMOracle(gmm, unlearn, ru_cap=ru_cap) if gmm.dim <= 2 else None
+    oracle_kw = formulation_class(str(cfg.formulation.name)).oracle_options(cfg.formulation)  # e.g. RU's cap
+    oracle = GMMOracle(gmm, unlearn, **oracle_kw) if gmm.dim <= 2 else None
     g = generator(int(cfg.seed) + 12345)
     n_forget = int(cfg.formulation.get("forget_samples", 256))
     forget_sets = [gmm.subset([i]).sample(n_forget, g) for i in unlearn]
@@ -149,8 +149,9 @@ class GMMEvaluator:
 
     def metric_grid(self, samples: np.ndarray, formulation: str | None, multipliers) -> Grid:
         pts = [self.gmm.means.numpy()]
-        if self.oracle is not None and formulation == "ru" and multipliers is not None:
-            g = self.oracle.grid(self.oracle._ru_spread(multipliers))
+        g = None if self.oracle is None or formulation is None or multipliers is None else \
+            self.oracle.target_grid(formulation, multipliers)  # where the target reaches beyond the mixture (RU)
+        if g is not None:
             pts.append(np.array([[a[0] for a in g.axes], [a[-1] for a in g.axes]]))
         pts.append(np.quantile(samples, [0.001, 0.999], axis=0))
         allp = np.concatenate(pts, 0)
