@@ -19,7 +19,7 @@ TINY_BY_MODEL = {
 # image doubles: small metric budgets (KID/SSCD/CLIP weights are absent offline: those are marked missing)
 TINY_METRICS = ["metrics.num_images=4", "metrics.retain.num_candidates=4", "metrics.kl.num_samples=2",
                 "metrics.likelihood.num_samples=2", "metrics.likelihood.num_timesteps=2", "metrics.batch_size=4"]
-TINY_BY_MODEL["tiny_sd"] = TINY_BY_MODEL["tiny_ddpm"] = TINY_METRICS
+TINY_BY_MODEL["tiny_sd"] = TINY_BY_MODEL["tiny_ddpm"] = TINY_BY_MODEL["tiny_classcond"] = TINY_METRICS
 # digits: a few pretraining steps (the real pretraining is exercised by the slow tests)
 TINY_BY_MODEL["digits"] = TINY_METRICS + ["model.pretrain.steps=20", "model.eval_net.steps=20", "model.final_samples=16",
                                           "model.sampler.num_steps=5", "metrics.sscd.denoise.num_steps=3",

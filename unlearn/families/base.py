@@ -49,6 +49,7 @@ class Family:
     """
 
     name: ClassVar[str] = ""
+    double: ClassVar[str | None] = None  # the model config of its offline double (the contract battery runs it)
 
     def __init__(self, cfg: DictConfig, needs: frozenset = frozenset(), show_progress: bool = True):
         self.validate(cfg.model)

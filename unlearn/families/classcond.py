@@ -16,6 +16,7 @@ from .diffusers_family import DiffusersFamily, Roles
 @register_family("classcond")
 class ClassConditional(DiffusersFamily):
     conditioning = "class"
+    double = "tiny_classcond"
 
     def unet_conditioning(self, unet) -> str:
         return "class" if unet.config.get("num_class_embeds") else "none"

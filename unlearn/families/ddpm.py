@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 @register_family("ddpm")
 class PixelDDPM(DiffusersFamily):
     conditioning = "none"
+    double = "tiny_ddpm"
 
     def roles(self, gen: torch.Generator) -> Roles:
         forget_sets = self.forget_sets([], gen)

@@ -11,6 +11,7 @@ from .classcond import ClassConditional
 
 @register_family("digits")
 class Digits(ClassConditional):
+    double = "digits"  # small enough to be its own double (pretraining is cached)
 
     @classmethod
     def components(cls, m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:

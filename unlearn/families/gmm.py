@@ -10,6 +10,8 @@ from .base import Family, register_family
 class GaussianMixtureFamily(Family):
     """ResNet MLP denoisers pretrained (cached) on the mixture and on each unlearned component."""
 
+    double = "gmm"
+
     @classmethod
     def validate(cls, m) -> None:
         validate_gmm_config(m)

@@ -26,6 +26,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 class TextToImage(DiffusersFamily):
     LAYOUT = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     conditioning = "text"
+    double = "tiny_sd"
 
     @classmethod
     def validate(cls, m) -> None:
