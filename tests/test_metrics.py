@@ -1,4 +1,4 @@
-"""The metrics (unlearn/metrics) on locally built stand-ins: no downloads, seconds on a CPU."""
+"""The metric suite (unlearn/metrics) on locally built stand-ins: no downloads, seconds on a CPU."""
 from __future__ import annotations
 
 import json
@@ -503,3 +503,100 @@ def test_sample_images_and_png_grid(tmp_path):
                                      kid_feature=SmallFeatures())
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         strict.evaluate(bad)
+
+
+# -- registered metrics ----------------------------------------------------------------------------------
+BUILT_IN_OFF = {n: {"enabled": False} for n in ("kid", "sscd", "clip", "kl", "likelihood")}
+
+
+@pytest.fixture
+def brightness_metric():
+    """A metric defined here, outside the package: the mean pixel value of ``ctx.images``."""
+    from unlearn.metrics import Metric, Result, unregister
+
+    class Brightness(Metric, name="brightness"):
+        needs = ("images",)
+        image_only = False  # enabled: auto -> on for every model
+        defaults = {"enabled": False, "channel": None}  # its block (configs/metrics/default.yaml has none)
+
+        @classmethod
+        def validate(cls, check):
+            check.number("channel", int, 0, allow_none=True)
+
+        def evaluate(self, ctx, weights, seed):
+            c = self.cfg.channel
+            x = ctx.images if c is None else ctx.images[:, int(c)]
+            proto = {"statistic": "mean pixel value in [0, 1]", "channel": c, "n_images": len(x)}
+            return Result(float(x.mean()), proto, {"std": float(x.std())}, {"bright": ctx.images})
+
+    yield Brightness
+    unregister("brightness")
+
+
+def test_a_metric_defined_outside_the_package(brightness_metric, tmp_path):
+    from unlearn.metrics import registered
+
+    assert registered()["brightness"] is brightness_metric
+    assert "brightness" not in MetricSuite.from_config(None).enabled  # its own default: off
+    suite = MetricSuite.from_config({**BUILT_IN_OFF, "brightness": {"enabled": True}}, image_model=False)
+    assert suite.enabled == ["brightness"] and suite.check_available() == {}
+    images = smooth_images(6, 0)
+    res = suite.evaluate(EvalContext(images=images, step=2))
+    r = res["brightness"]
+    assert r["status"] == "ok" and r["value"] == pytest.approx(float(images.mean()))
+    assert r["std"] == pytest.approx(float(images.std()))
+    p = r["protocol"]
+    assert p["n_images"] == 6 and p["channel"] is None and p["step"] == 2 and len(p["id"]) == 12
+    assert MetricSuite.scalars(res) == {"brightness": r["value"]}
+    assert [x.name for x in suite.save_images(tmp_path)] == ["bright.png"]
+    json.dumps(res)
+    red = MetricSuite.from_config({**BUILT_IN_OFF, "brightness": {"enabled": "auto", "channel": 0}}, image_model=False)
+    r0 = red.evaluate(EvalContext(images=images))["brightness"]
+    assert r0["value"] == pytest.approx(float(images[:, 0].mean())) and r0["protocol"]["id"] != p["id"]
+    skipped = suite.evaluate(EvalContext(prompts=["a horse"]))["brightness"]
+    assert skipped == {"status": "skipped", "reason": "brightness needs ctx.images"}
+    with pytest.raises(ConfigError, match="metrics.brightness.channel must be >= 0"):
+        metrics_config({"brightness": {"channel": -1}})
+    with pytest.raises(ConfigError, match="brightness.chanel"):
+        metrics_config({"brightness": {"chanel": 1}})
+    with pytest.raises(ConfigError, match="metrics.brightness.enabled"):
+        metrics_config({"brightness": {"enabled": "sometimes"}})
+
+
+def test_registry_matches_the_config_file():
+    from pathlib import Path
+
+    import yaml
+
+    from unlearn.metrics import IMAGE_METRICS, NAMES, metric_names, registered
+
+    assert NAMES == ("kid", "sscd", "clip", "kl", "likelihood") and IMAGE_METRICS == ("kid", "sscd", "clip")
+    path = Path(__file__).resolve().parents[1] / "configs" / "metrics" / "default.yaml"
+    blocks = [k for k, v in yaml.safe_load(path.read_text()).items() if isinstance(v, dict) and "enabled" in v]
+    assert blocks == list(NAMES) == metric_names()  # the file's order is the suite's order
+    assert all(n in registered() for n in blocks)
+
+
+def test_loaded_objects_are_given_by_metric_name():
+    feat = SmallFeatures()
+    cfg = {**BUILT_IN_OFF, "kid": {"enabled": True, "num_subsets": 2}}
+    ctx = EvalContext(images=smooth_images(8, 0), reference_images=smooth_images(8, 1))
+    by_name = MetricSuite.from_config(cfg, given={"kid": feat}).evaluate(ctx)["kid"]
+    by_keyword = MetricSuite.from_config(cfg, kid_feature=feat).evaluate(ctx)["kid"]
+    assert by_name["status"] == "ok" and by_name["value"] == by_keyword["value"]
+    assert by_name["protocol"]["id"] == by_keyword["protocol"]["id"]
+    assert MetricSuite.from_config(cfg, kid=feat, clip_scorer=None)._records["kid"]["source"] == "given"
+    with pytest.raises(TypeError, match="kid_featur"):
+        MetricSuite.from_config(cfg, kid_featur=feat)
+
+
+def test_a_listed_metric_without_its_module_is_one_line(monkeypatch):
+    from unlearn.metrics import suite as S
+
+    monkeypatch.setitem(S.DEFAULTS, "nosuch", {"enabled": "auto"})
+    with pytest.raises(ImportError, match="block for metric 'nosuch' but there is no module unlearn/metrics/nosuch.py"):
+        S._import_listed_metrics()
+    monkeypatch.delitem(S.DEFAULTS, "nosuch")
+    monkeypatch.setitem(S.DEFAULTS, "weights", {"enabled": "auto"})  # a module that registers no metric
+    with pytest.raises(ImportError, match="registers no metric named 'weights'"):
+        S._import_listed_metrics()

@@ -41,16 +41,24 @@ library versions, image sizes, preprocessing, numbers of samples, subset size, s
 sampler) and its short hash ``protocol["id"]``: equal ids mean comparable numbers. A metric
 whose weights are not available is ``{"status": "missing", "reason": ...}`` - never a 0.
 
+Metrics are registered classes (:class:`Metric`, :mod:`unlearn.metrics.base`): adding one is a
+module with ``class X(Metric, name="x")`` and its block in ``configs/metrics/default.yaml``
+(docs/metrics.md, "Adding a metric"). ``MetricSuite.from_config(..., given={"x": obj})`` (or the
+keywords ``kid_feature=``, ``sscd_descriptor=``, ``clip_scorer=``) hands loaded objects in code.
+
 Retain sets (paper appendix E.1): :func:`retain_mask` / :meth:`MetricSuite.retain_set` keep
 pretrained samples whose unlearn-concept score (likelihood ratio from
 :func:`concept_likelihood`, exponentiated, or CLIP score) is below ``factor * mean``.
 """
+from .base import Checks, Metric, Result, Skip, Weights, metric_class, register, registered, unregister
 from .clip import CLIPScorer, clip_score_matrix, load_clip
+from .context import EvalContext
 from .divergence import concept_likelihood, expected_likelihood, kl_to_pretrained
 from .images import check_images, sample_images, save_image_grid
 from .kid import InceptionFeatures, compute_kid, retain_mask, retain_set
 from .sscd import SSCDPreprocess, denoise_from, denoising_sampler, load_descriptor, pixel_decode, pixel_encode, sscd_protocol
-from .suite import DEFAULTS, NAMES, EvalContext, MetricSuite, metrics_config, protocol_id
+from .suite import (DEFAULTS, IMAGE_METRICS, NAMES, MetricSuite, metric_names, metrics_config, protocol_id,
+                    validate_metrics_config)
 from .weights import WeightsUnavailable, reset_warnings
 
 __all__ = [
@@ -58,5 +66,6 @@ __all__ = [
     "check_images", "sample_images", "save_image_grid", "InceptionFeatures", "compute_kid", "retain_mask",
     "retain_set", "SSCDPreprocess", "denoise_from", "denoising_sampler", "load_descriptor", "pixel_decode",
     "pixel_encode", "sscd_protocol", "DEFAULTS", "NAMES", "EvalContext", "MetricSuite", "metrics_config",
-    "protocol_id", "WeightsUnavailable", "reset_warnings",
+    "protocol_id", "WeightsUnavailable", "reset_warnings", "Checks", "Metric", "Result", "Skip", "Weights",
+    "metric_class", "register", "registered", "unregister", "IMAGE_METRICS", "metric_names", "validate_metrics_config",
 ]

@@ -10,6 +10,8 @@ Images are float tensors ``(N, 3, H, W)`` in ``[0, 1]``. They are preprocessed a
 would preprocess a PIL image, but on tensors: resize (bicubic, antialiased) so that the
 shortest side is the model's input size, center crop, clamp to ``[0, 1]``, normalise with the
 model's mean and std (``resize_mode: squash`` resizes to the square size instead).
+
+:class:`CLIPScore` is the registered ``clip`` metric of the suite.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .base import Checks, Metric, Result, Weights
+from .images import check_images
 from .weights import WeightsUnavailable, download_allowed, file_record, reachable
 
 logger = logging.getLogger("unlearn.metrics")
@@ -171,3 +175,40 @@ def load_clip(model_name: str, checkpoint: str | None, device="cpu", download_se
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     record = {**file_record(path, source), "model": name}
     return CLIPScorer(model, tokenizer, pp, record)
+
+
+# -- the metric --------------------------------------------------------------------------------
+class CLIPScore(Metric, name="clip"):
+    """CLIP score of ``ctx.images`` against ``ctx.prompts``: max (or mean) over prompts of the mean over images."""
+
+    needs = ("images", "prompts")
+    weights = True
+    given_keyword = "clip_scorer"
+
+    @classmethod
+    def validate(cls, check: Checks) -> None:
+        check.one_of("reduction", ("max", "mean"))
+
+    def load(self) -> Weights:
+        c, root = self.cfg, self.root
+        scorer = load_clip(str(c.model), c.checkpoint, self.device, root.download, float(root.download_timeout),
+                           root.cache_dir)
+        return Weights(scorer, scorer.record)
+
+    def given(self, scorer) -> Weights:
+        """A scorer with ``scores(images, prompts, batch_size) -> (N, P)``, ``protocol()``, ``to()``, ``record``."""
+        return Weights(scorer.to(self.device), scorer.record or {"source": "given"})
+
+    def evaluate(self, ctx, weights, seed) -> Result:
+        scorer = weights.obj
+        images = check_images(ctx.images, "ctx.images")
+        prompts = list(ctx.prompts)
+        s = scorer.scores(images, prompts, int(self.root.batch_size))  # (N, P), clamped per image
+        per_prompt = s.mean(0)
+        red = str(self.cfg.reduction)
+        value = float(per_prompt.max()) if red == "max" else float(per_prompt.mean())
+        proto = {**scorer.protocol(), "prompts": prompts, "n_images": len(images),
+                 "image_size": list(images.shape[-2:]),
+                 "reduction": ("max over prompts of the mean score over images" if red == "max"
+                               else "mean over prompts and images")}
+        return Result(value, proto, {"per_prompt": dict(zip(prompts, per_prompt.tolist()))}, {"samples": images})

@@ -10,7 +10,16 @@ import torch
 from ..models.base import ScoreModel
 from ..samplers import GaussianSampler
 from .divergence import model_device
-from .sscd import pixel_decode
+
+
+def pixel_encode(images: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` images to the ``[-1, 1]`` data space of pixel diffusion models."""
+    return images * 2.0 - 1.0
+
+
+def pixel_decode(x: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` model samples to ``[0, 1]`` images (clamped)."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:

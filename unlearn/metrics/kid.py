@@ -10,14 +10,21 @@ torchmetrics (``NoTrainInceptionV3``), fed with ``uint8`` images obtained by rou
 
 ``subset_size`` adapts to the data: torchmetrics raises when it exceeds the number of real or
 fake images, so the size used is ``min(configured, n_real, n_fake)`` and is recorded.
+
+:class:`KID` is the registered ``kid`` metric of the suite.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .base import Checks, Metric, Result, Weights, module_record, versions
+from .images import check_images
+from .weights import WeightsUnavailable, file_record
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -123,3 +130,69 @@ def retain_set(images: torch.Tensor, scores: torch.Tensor, factor: float) -> tup
     info = {"factor": float(factor), "thresholds": (float(factor) * s.mean(0)).tolist(),
             "kept": int(mask.sum()), "total": int(len(mask)), "rule": "score < factor * mean(score)"}
     return images[mask.to(images.device)], info
+
+
+# -- the metric --------------------------------------------------------------------------------
+class KID(Metric, name="kid"):
+    """KID of ``ctx.images`` against ``ctx.reference_images`` (InceptionV3 or a configured feature module)."""
+
+    needs = ("images", "reference_images")
+    weights = True
+    given_keyword = "kid_feature"
+
+    @classmethod
+    def validate(cls, check: Checks) -> None:
+        check.number("subset_size", int, 2)
+        check.number("num_subsets", int, 1)
+        check.number("degree", int, 1)
+        check.number("coef", float, 1e-12)
+        check.number("image_size", int, 8, allow_none=True)
+        c = check.cfg
+        if str(c.feature_dim) not in INCEPTION_DIMS:
+            check.fail("feature_dim", f"must be one of {list(INCEPTION_DIMS)} (got {c.feature_dim})")
+        f = str(c.feature)
+        if f != "inception" and ":" not in f:
+            check.fail("feature", f"must be 'inception' or 'package.module:factory' (got {f!r})")
+
+    def load(self) -> Weights:
+        c = self.cfg
+        if str(c.feature) == "inception":
+            path, src = self.resolve(c.inception_path, "metrics.kid.inception_path", INCEPTION_FILENAME, INCEPTION_URL)
+            try:
+                mod = InceptionFeatures(path, str(c.feature_dim))
+            except Exception as e:  # noqa: BLE001 - a corrupt or wrong file
+                raise WeightsUnavailable(f"{path} could not be loaded as torch-fidelity's InceptionV3 "
+                                         f"({type(e).__name__}: {e}); set metrics.kid.inception_path") from None
+            rec = file_record(path, src)
+        else:
+            mod_name, fn = str(c.feature).split(":", 1)
+            mod = getattr(importlib.import_module(mod_name), fn)()
+            rec = {**module_record(mod), "factory": str(c.feature)}
+        return Weights(mod.eval().to(self.device), rec)
+
+    def evaluate(self, ctx, weights, seed) -> Result:
+        c, feature = self.cfg, weights.obj
+        real = check_images(ctx.reference_images, "ctx.reference_images")
+        fake = check_images(ctx.images, "ctx.images")
+        r = compute_kid(real, fake, feature, int(c.subset_size), int(c.num_subsets), seed,
+                        c.image_size, int(self.root.batch_size), int(c.degree), float(c.coef), self.device)
+        inception = str(c.feature) == "inception" and isinstance(feature, InceptionFeatures)
+        v = versions()
+        proto = {
+            "feature": (f"torch-fidelity InceptionV3 (TF port), pool features {c.feature_dim}" if inception
+                        else weights.record.get("class", "custom")),
+            "weights": weights.record,
+            "input": "float (N,3,H,W) in [0,1]" + (" -> uint8 round(255 x) -> bilinear antialiased 299x299 "
+                                                    "(torchmetrics NoTrainInceptionV3)" if inception else ""),
+            "image_size": list(fake.shape[-2:]), "reference_image_size": list(real.shape[-2:]),
+            "resize": c.image_size, "reference": ctx.reference_name,
+            "n_real": r["n_real"], "n_fake": r["n_fake"], "subset_size": r["subset_size"],
+            "subset_size_configured": int(c.subset_size), "num_subsets": int(c.num_subsets),
+            "kernel": f"polynomial degree {int(c.degree)}, gamma 1/D, coef {float(c.coef)}", "seed": seed,
+            "torchmetrics": v["torchmetrics"], "torch_fidelity": v["torch-fidelity"],
+        }
+        return Result(r["value"], proto, {"std": r["std"]}, {"samples": fake, "reference": real})
+
+    @classmethod
+    def scalars(cls, result: dict) -> dict[str, float]:
+        return {"kid": result["value"], "kid_std": result["std"]}

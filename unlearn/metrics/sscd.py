@@ -11,6 +11,8 @@ noised to timestep ``t`` (``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e``), denoi
 from ``t`` down to 0, and compared with the original; "max SSCD" is the largest similarity over
 the forget set and the noise seeds. Latent models encode the images first and decode the
 result (``encode``/``decode``); pixel models use ``x0 = 2 * image - 1``.
+
+:class:`SSCD` is the registered ``sscd`` metric of the suite.
 """
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..models.base import ScoreModel
 from ..samplers import GaussianSampler
-from .divergence import model_device
+from .base import Checks, Metric, Result, Weights, callable_name
+from .divergence import model_device, sampler_protocol
+from .images import check_images, pixel_decode, pixel_encode
+from .weights import WeightsUnavailable, file_record
 
 SSCD_FILENAME = "sscd_disc_mixup.torchscript.pt"
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
@@ -36,16 +42,6 @@ def load_descriptor(path: str | Path, device="cpu") -> nn.Module:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
         model = torch.jit.load(str(path), map_location=device)
     return model.eval()
-
-
-def pixel_encode(images: torch.Tensor) -> torch.Tensor:
-    """``[0, 1]`` images to the ``[-1, 1]`` data space of pixel diffusion models."""
-    return images * 2.0 - 1.0
-
-
-def pixel_decode(x: torch.Tensor) -> torch.Tensor:
-    """``[-1, 1]`` model samples to ``[0, 1]`` images (clamped)."""
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 class SSCDPreprocess:
@@ -135,3 +131,70 @@ def sscd_protocol(model: ScoreModel, forget_images: torch.Tensor, descriptor: nn
     sim = torch.stack(sims)
     return {"max": float(sim.max()), "mean": float(sim.mean()), "per_image": sim.max(0).values.tolist(),
             "similarity": sim, "denoised": first}
+
+
+# -- the metric --------------------------------------------------------------------------------
+class SSCD(Metric, name="sscd"):
+    """Max SSCD of the forget images denoised by ``ctx.model`` from ``metrics.sscd.timestep``."""
+
+    needs = ("model", ("forget_images", "forget_x0"))
+    weights = True
+    given_keyword = "sscd_descriptor"
+
+    @classmethod
+    def validate(cls, check: Checks) -> None:
+        c = check.cfg
+        check.number("timestep", int, 0)
+        r = c.resize
+        if not (isinstance(r, int) or (hasattr(r, "__len__") and len(r) == 2)):
+            check.fail("resize", f"must be an int (short edge) or [h, w] (got {r!r})")
+        if len(c.seeds) < 1:
+            check.fail("seeds", "must list at least one seed")
+        if str(c.denoise.kind) not in GaussianSampler.KINDS:
+            check.fail("denoise.kind", f"must be one of {list(GaussianSampler.KINDS)}")
+        if str(c.denoise.variance) not in ("beta", "posterior"):
+            check.fail("denoise.variance", "must be beta or posterior")
+        check.number("denoise.num_steps", int, 1, allow_none=True)
+
+    def load(self) -> Weights:
+        c = self.cfg
+        path, src = self.resolve(c.path, "metrics.sscd.path", SSCD_FILENAME, c.url)
+        try:
+            mod = load_descriptor(path, self.device)
+        except Exception as e:  # noqa: BLE001
+            raise WeightsUnavailable(f"{path} could not be loaded with torch.jit.load "
+                                     f"({type(e).__name__}: {e}); set metrics.sscd.path") from None
+        return Weights(mod, file_record(path, src))
+
+    def evaluate(self, ctx, weights, seed) -> Result:
+        c, model = self.cfg, ctx.model
+        t = int(c.timestep)
+        if t > model.schedule.T - 1:
+            raise ConfigError(f"metrics.sscd.timestep must be in 0..{model.schedule.T - 1} (got {t})")
+        decode = ctx.decode or pixel_decode
+        encode = ctx.encode or pixel_encode
+        images = ctx.forget_images
+        if images is None:
+            with torch.no_grad():
+                images = decode(ctx.forget_x0).clamp(0, 1).float().cpu()
+        check_images(images, "ctx.forget_images")
+        d = c.denoise
+        sampler = denoising_sampler(model.schedule, t, str(d.kind), str(d.variance), float(d.eta),
+                                    None if d.num_steps is None else int(d.num_steps))
+        pre = SSCDPreprocess(c.resize if isinstance(c.resize, int) else list(c.resize), list(c.mean), list(c.std))
+        seeds = [int(s) for s in c.seeds]
+        r = sscd_protocol(model, images, weights.obj, pre, t, seeds, sampler, ctx.cond, encode, decode,
+                          int(self.root.batch_size), self.device, x0=ctx.forget_x0)
+        proto = {
+            "descriptor": weights.record, "preprocess": pre.protocol(),
+            "similarity": "cosine of L2-normalised descriptors", "timestep": t, "seeds": seeds,
+            "denoise": sampler_protocol(sampler), "n_forget": len(images), "image_size": list(images.shape[-2:]),
+            "encode": callable_name(ctx.encode) or "pixel: 2x - 1", "decode": callable_name(ctx.decode) or
+            "pixel: (x + 1) / 2, clamped", "reduction": "max over forget images and seeds",
+        }
+        details = {"mean": r["mean"], "per_image": r["per_image"], "similarity": r["similarity"]}
+        return Result(r["max"], proto, details, {"sscd_original": images, "sscd_denoised": r["denoised"]})
+
+    @classmethod
+    def scalars(cls, result: dict) -> dict[str, float]:
+        return {"max_sscd": result["value"], "mean_sscd": result["mean"]}
