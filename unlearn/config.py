@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 REQUIRED = {"model": ("name", "family", "sampler"), "formulation": ("name", "_target_", "threshold_factor"),
-            "method": ("name", "_target_"), "train": ("dual_steps", "primal_steps_per_dual", "final_samples")}
+            "method": ("name",), "train": ("dual_steps", "primal_steps_per_dual", "final_samples")}
 
 
 def validate_config(cfg: DictConfig) -> None:
