@@ -144,6 +144,7 @@ def check_contract(cfg, run_dir) -> dict | None:
         assert s["multipliers"] == pytest.approx(first)
     state = torch.load(run_dir / "model.pt", weights_only=False)
     assert state["composed"] or state["state_dict"], "a trained model must be saved"
+    assert all((run_dir / p).exists() for p in s["exported"]) and not (state["composed"] and s["exported"])
     again = train(cfg, run_dir)  # a finished run directory is left as it is and answers its summary
     assert again["multipliers"] == s["multipliers"]
     return s

@@ -40,7 +40,8 @@ class UnlearningSetup:
     # models use the plain conditional model of each unlearn prompt over the unconditional model
     likelihood_concepts: list[ScoreModel] | None = None
     likelihood_reference: ScoreModel | None = None
-    save_model: Callable[..., None] | None = None  # write the trained weights in the family's own format
+    save_model: Callable[..., list[str]] | None = None  # write the trained weights in the family's own format;
+    # returns the files / folders written, relative to the run directory
     to_images: Callable[[torch.Tensor], torch.Tensor] | None = None  # model samples -> images in [0, 1]
     from_images: Callable[[torch.Tensor], torch.Tensor] | None = None
     # feature models the family supplies to the metric suite (kid_feature, sscd_descriptor, clip_scorer)

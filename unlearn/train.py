@@ -327,8 +327,9 @@ def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dic
     composed = not f.has_primal and not extra.get("distill_kl")  # RU dual-only: the result is the composed score
     atomic_torch_save({"state_dict": f.trainable_state(), "multipliers": mu, "composed": composed},
                       plan.run_dir / "model.pt")
-    if setup.save_model is not None and not composed:  # e.g. LoRA in diffusers format
-        setup.save_model(plan.run_dir)
+    exported = []  # the trained weights in the family's own format, e.g. LoRA for diffusers
+    if setup.save_model is not None and not composed:
+        exported = list(setup.save_model(plan.run_dir) or [])
     tol = float(cfg.train.satisfied_tol)
     sat = f.satisfied(values, thr, tol)
     names = f.constraint_names()
@@ -339,7 +340,7 @@ def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dic
         "constraints": [{"name": nm, "value": float(v), "threshold": float(b), "pretrained": float(p),
                          "satisfied": s, "sense": ">=" if f.sense == "ge" else "<="}
                         for nm, v, b, p, s in zip(names, values, thr, run.driver.pretrained_values, sat)],
-        "multipliers": [float(v) for v in mu],
+        "multipliers": [float(v) for v in mu], "exported": exported,
         "oracle_target": {"formulation": target.formulation, "multipliers": target.multipliers} if target else None,
         "threshold_factor": f.factor, "metrics": final["metrics"], "pretrained_metrics": final["pretrained_metrics"],
         **final["metric_info"], "extra": {**extra, **f.diagnostics(mu)}, "setup": run.stable_info, "seed": plan.seed,
