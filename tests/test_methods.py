@@ -39,8 +39,8 @@ def test_baseline_is_the_formulations_paper_baseline(form, runs, distils):
 def test_each_method_builds_its_multipliers(form, method):
     if method == "esd" and form == "fu":
         pytest.skip("no ESD-style target without concept models (tested below)")
-    setup, _, f, mu, _ = build(compose_cfg([f"formulation={form}", f"method={method}", "method.multiplier=0.25"]),
-                               show_progress=False)
+    weight = [] if method == "constrained" else ["method.multiplier=0.25"]
+    setup, _, f, mu, _ = build(compose_cfg([f"formulation={form}", f"method={method}", *weight]), show_progress=False)
     assert f.method is not None and f.method.learnable == (method == "constrained") == mu.learnable
     assert isinstance(mu, DualAscent if method == "constrained" else FixedMultipliers)
     if method == "constrained":
