@@ -90,7 +90,17 @@ def _registries():
 
 
 FAMILY_NAMES, FORMULATION_NAMES, METHOD_NAMES = _registries()
-CASES = [(fa, fo, me) for fa in FAMILY_NAMES for fo in FORMULATION_NAMES for me in METHOD_NAMES]
+
+
+def _runs_as(method: str, formulation: str) -> str:
+    """The registered method that actually runs (``baseline`` is each formulation's paper baseline)."""
+    return build_method(OmegaConf.create({"name": method})).resolve(formulation_class(formulation)).name
+
+
+# a method that resolves to another registered one (an alias) runs as that one's cell
+CASES = [(fa, fo, me) for fa in FAMILY_NAMES for fo in FORMULATION_NAMES for me in METHOD_NAMES
+         if _runs_as(me, fo) == me]
+ALIASES = [(fo, me) for fo in FORMULATION_NAMES for me in METHOD_NAMES if _runs_as(me, fo) != me]
 FIXED_WEIGHT = 0.2  # below 1 / (number of concepts) of every double: RU's fixed weights must sum to < 1
 
 
@@ -100,7 +110,7 @@ def contract_config(family: str, formulation: str, method: str):
     model = [f"model={double}"] if isinstance(double, str) else []
     in_configs = method in {p.stem for p in (compose_cfg.__globals__["CONFIGS"] / "method").glob("*.yaml")}
     cfg = compose_cfg(model + [f"formulation={formulation}", "num_threads=1", "metrics.eval_every=0",
-                               "train.oracle_multipliers=false"]
+                               "train.oracle_multipliers=false", "formulation.dual_steps=1"]
                       + ([f"method={method}"] if in_configs else []))
     if isinstance(double, dict):
         cfg.model = OmegaConf.create(double)
@@ -155,6 +165,14 @@ def test_contract(family, formulation, method, tmp_path):
     check_contract(contract_config(family, formulation, method), tmp_path)
 
 
+@pytest.mark.parametrize("formulation,method", ALIASES, ids=["-".join(a) for a in ALIASES])
+def test_an_alias_method_runs_a_registered_method_of_the_battery(formulation, method):
+    """E.g. ``baseline``: the cells of the method it runs are in the battery (that it gives exactly
+    their numbers is checked in tests/test_methods.py)."""
+    runs = _runs_as(method, formulation)
+    assert runs in METHOD_NAMES and all((fa, formulation, runs) in CASES for fa in FAMILY_NAMES)
+
+
 def test_the_battery_covers_the_toys_and_every_shipped_part():
     assert "toy_line" in FAMILY_NAMES and "toy_half_step" in METHOD_NAMES
     assert {"gmm", "digits", "text2img", "ddpm", "classcond"} <= set(FAMILY_NAMES)
@@ -164,6 +182,7 @@ def test_the_battery_covers_the_toys_and_every_shipped_part():
 
 def test_toy_method_moves_multipliers_at_half_the_step(tmp_path):
     cfg = contract_config("toy_line", "fu", "toy_half_step")
+    cfg.formulation.dual_steps = 2
     s = check_contract(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, second = rows[0], rows[1]  # a row holds the multipliers its step used: step 2 has the first update

@@ -27,23 +27,24 @@ def image_files(folder) -> list[Path]:
     return sorted(p for p in Path(str(folder)).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def save_grid(path: Path, rows: list[tuple[str, torch.Tensor]], title: str = ""):
-    """A PNG grid: one labelled row per (name, images (N, 3, H, W) in [0, 1])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def save_grid(path: Path, rows: list[tuple[str, torch.Tensor]], title: str = "", cell: int = 96):
+    """A PNG grid: one labelled row per (name, images (N, 3, H, W) in [0, 1]); each image is scaled
+    to ``cell`` pixels (nearest neighbour below that size, so 8x8 digits stay crisp)."""
+    from PIL import Image, ImageDraw
 
     ncol = max(len(x) for _, x in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.6 * ncol + 1.5, 1.7 * len(rows) + 0.5), squeeze=False)
+    label, pad = 14, 4
+    top = label + pad if title else 0
+    grid = Image.new("RGB", (ncol * (cell + pad) + pad, top + len(rows) * (cell + label + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, 2), title, fill="black")
     for r, (name, imgs) in enumerate(rows):
-        for c in range(ncol):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(imgs):
-                ax.imshow(imgs[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-        axes[r][0].set_title(name, fontsize=8, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        y = top + r * (cell + label + pad) + pad
+        draw.text((pad, y), name, fill="black")
+        for c, img in enumerate(imgs[:ncol]):
+            arr = (img.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            im = Image.fromarray(arr)
+            im = im.resize((cell, cell), Image.NEAREST if im.width < cell else Image.BICUBIC)
+            grid.paste(im, (pad + c * (cell + pad), y + label))
+    grid.save(path)
