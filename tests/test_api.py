@@ -14,8 +14,8 @@ from conftest import TINY, TINY_BY_FORMULATION
 def test_run_from_overrides_matches_train(tmp_path, cfg_factory):
     from unlearn.train import train
 
-    a = unlearn.run(TINY + TINY_BY_FORMULATION["lu"] + ["train.final_samples=256"], run_dir=tmp_path / "api")
-    b = train(cfg_factory(["train.final_samples=256"]), run_dir=tmp_path / "train")
+    a = unlearn.run(TINY + TINY_BY_FORMULATION["ru"] + ["formulation=ru", "train.final_samples=256"], run_dir=tmp_path / "api")
+    b = train(cfg_factory(["formulation=ru", "train.final_samples=256"]), run_dir=tmp_path / "train")
     assert a["status"] in ("completed", "constraints_violated")
     assert json.loads((tmp_path / "api" / "summary.json").read_text())["multipliers"] == a["multipliers"]
     assert a["multipliers"] == b["multipliers"]

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import CONFIGS, compose_cfg
 from unlearn.config import ConfigError
 from unlearn.dual import DualAscent, FixedMultipliers
-from unlearn.methods import METHODS, Method, build_method
+from unlearn.methods import METHODS, build_method
 from unlearn.train import build, train
 
 METHOD_FILES = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
@@ -109,20 +109,7 @@ def test_esd_and_fixed_weights_on_ru_and_lu(tmp_path):
     assert not any("esd_kl" in r for r in losses)  # the Lagrangian's
 
 
-class HalfWeights(Method):
-    """A toy method defined outside the package: fixed weights at half of ``method.multiplier``."""
-
-    name = "toy_half"
-
-    def build_multipliers(self, formulation):
-        return FixedMultipliers(self.fixed_values(type(formulation), formulation.num_constraints) / 2)
-
-
-def test_a_new_method_is_a_class_and_a_config(tmp_path):
-    assert METHODS["toy_half"] is HalfWeights  # registered by being defined
-    cfg = compose_cfg(["formulation=ru", "method=fixed", "method.multiplier=0.4"])
-    cfg.method = OmegaConf.create({"name": "toy_half", "_target_": f"{__name__}.HalfWeights", "multiplier": 0.4})
-    s = train(cfg, run_dir=tmp_path)
-    assert s["method"] == "toy_half" and s["multipliers"] == pytest.approx([0.2])
+def test_a_method_target_must_be_a_method_class():
+    """A new method is a class and a config; the toy one runs through tests/test_contract.py."""
     with pytest.raises(ConfigError, match="method._target_ must name a method class"):
         build_method(OmegaConf.create({"name": "x", "_target_": "unlearn.dual.DualAscent"}))

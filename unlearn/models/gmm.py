@@ -5,6 +5,7 @@ learned models, samplers and estimators against exact answers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -159,8 +160,9 @@ class Grid:
     def dv(self) -> float:
         return float(np.prod([a[1] - a[0] for a in self.axes]))
 
-    @property
+    @functools.cached_property
     def points(self) -> torch.Tensor:
+        """The grid's points, (N, dim), built once (treat as read-only)."""
         mesh = np.meshgrid(*self.axes, indexing="ij")
         return torch.as_tensor(np.stack([m.ravel() for m in mesh], 1))
 
@@ -240,11 +242,22 @@ class GMMOracle:
         return min(1.0 + 2.0 * mu_bar / max(1.0 - mu_bar, 1e-3), 8.0)
 
     # -- basic quantities on a grid ----------------------------------------------------------
+    def _on_grid(self, name: str, x, fn):
+        """``fn(x)``, computed once per oracle grid when ``x`` is the points of one (the dual solvers
+        evaluate the same densities on the same grid many times); other inputs are not cached."""
+        for g in self._grids.values():
+            if g.__dict__.get("points") is x:
+                cache = g.__dict__.setdefault("_oracle_cache", {})
+                if name not in cache:
+                    cache[name] = fn(x)
+                return cache[name]
+        return fn(x)
+
     def log_pre(self, x):
-        return self.gmm.log_prob(x)
+        return self._on_grid("log_pre", x, self.gmm.log_prob)
 
     def log_q(self, x):
-        return torch.stack([q.log_prob(x) for q in self.concepts], 1)
+        return self._on_grid("log_q", x, lambda y: torch.stack([q.log_prob(y) for q in self.concepts], 1))
 
     def log_l(self, x):
         """``log l_i(x) = log q_i(x) - log p_pre(x)``, shape (N, m)."""
