@@ -73,7 +73,7 @@ def test_digits_runs_with_the_evaluation_network_as_metric_models(formulation, t
     assert (tmp_path / "samples.png").exists() and (tmp_path / "eval" / "final_samples.png").exists()
 
 
-# -- the checks, at full size (pretraining about 5-10 minutes on 2 cores, then cached) -----------
+# -- the testbed's checks, at full size (pretraining about 5-10 minutes on 2 cores, then cached) -----------
 def _full(formulation, tmp_path, *extra):
     from unlearn.train import train
 

@@ -60,6 +60,7 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path):
     assert _tiny_sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]) == ["0", "1"]
 
 
+@pytest.mark.slow  # the parallel launcher's start-up (about 15 s); the basic launcher's sweeps run in the default suite
 def test_joblib_launcher_runs_the_sweep(tmp_path):
     assert _tiny_sweep(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == ["0", "1"]
 

@@ -15,6 +15,7 @@ embeddings). The formulations see only score models and never know about prompts
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,17 @@ def schedule_from_scheduler_config(sc: dict) -> NoiseSchedule:
     raise ConfigError(f"scheduler beta_schedule {kind!r} is not supported; accepted: linear, scaled_linear")
 
 
+_LORA_LAYERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
 def lora_layers(module: nn.Module):
+    """The LoRA layers of ``module`` (found once: a UNet has thousands of modules; :func:`add_lora`
+    forgets the list when it adds adapters)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if module not in _LORA_LAYERS:
+        _LORA_LAYERS[module] = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    return _LORA_LAYERS[module]
 
 
 @contextlib.contextmanager
@@ -74,6 +82,7 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules, dropout: 
     from peft import LoraConfig, inject_adapter_in_model
 
     unet.requires_grad_(False)
+    _LORA_LAYERS.pop(unet, None)
     cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
                      target_modules=target_modules, init_lora_weights=True)
     with torch.random.fork_rng():
