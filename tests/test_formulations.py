@@ -17,6 +17,14 @@ from unlearn.setup import UnlearningSetup
 SCHED = NoiseSchedule.linear()
 
 
+def formulation_cfg(name: str, **overrides):
+    """``configs/formulation/<name>.yaml`` with ``overrides``: the code reads every key from there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "formulation"
+    return OmegaConf.merge(OmegaConf.load(root / f"{name}.yaml"), overrides)
+
+
 def exact_setup(g, idx, ru_cap=None):
     o = GMMOracle(g, idx, ru_cap=ru_cap)
     pre = ExactGMMScore(g, SCHED)
@@ -36,9 +44,8 @@ def test_ru_dual_only_ratio_estimator_finds_oracle_multipliers(g, idx, cap):
     """Dual-only RU with the importance-weighted KL: multipliers within 10% (+0.003) of the optimum,
     for the paper's KL and for the capped separation (``separation_cap``; the oracle's grid target)."""
     setup, o = exact_setup(g, idx, ru_cap=cap)
-    cfg = OmegaConf.create(dict(threshold_factor=1.3, batch_size=256, max_multiplier_sum=0.95, kl_estimator="ratio",
-                                final_samples="resample", pool_size=4096, likelihood_timesteps=32,
-                                separation_cap=cap))
+    cfg = formulation_cfg("ru", threshold_factor=1.3, batch_size=256, max_multiplier_sum=0.95, kl_estimator="ratio",
+                          final_samples="resample", pool_size=4096, likelihood_timesteps=32, separation_cap=cap)
     f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), None, False)
     lr = 0.002 if cap is None else 0.02  # capped values are O(1) nats, the KLs O(20)
     mu, values, thr, _ = PrimalDual(f, DualAscent(len(idx), lr, projection=f.project), 150, 0,
@@ -58,7 +65,7 @@ def test_ru_resampling_is_systematic_and_paired_with_the_pretrained_samples():
     about sqrt(n w_j)); the pretrained samples are the pool at uniform weights, drawn from the same
     quantiles, so where the weights are flat the two sets hold the same samples."""
     setup, _ = exact_setup(*GEOMETRIES[1])
-    cfg = OmegaConf.create(dict(threshold_factor=1.3, batch_size=16, kl_estimator="ratio", final_samples="resample"))
+    cfg = formulation_cfg("ru", threshold_factor=1.3, batch_size=16, kl_estimator="ratio", final_samples="resample")
     f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), None, False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 2, generator=g, dtype=torch.float64)
@@ -84,7 +91,7 @@ def test_ru_resampling_is_systematic_and_paired_with_the_pretrained_samples():
 
 def test_ru_projection_keeps_target_proper():
     setup, _ = exact_setup(*GEOMETRIES[1])
-    cfg = OmegaConf.create(dict(threshold_factor=50.0, batch_size=16, max_multiplier_sum=0.9))
+    cfg = formulation_cfg("ru", threshold_factor=50.0, batch_size=16, max_multiplier_sum=0.9)
     f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), None, False)
     d = DualAscent(2, 1.0, projection=f.project)
     d.update(torch.tensor([5.0, 5.0]))
@@ -127,8 +134,10 @@ def test_nupi_dual_optimizer_moves_like_ascent():
 def _weighted_lu(setup, anchor: bool):
     from unlearn.formulations.lu import LikelihoodUnlearning
 
-    cfg = OmegaConf.create(dict(gradient="weighted", likelihood="exact", weighted_anchor=anchor, primal_lr=1e-3,
-                                threshold_factor=0.5, batch_size=64, likelihood_timesteps=8, likelihood_noise=1))
+    # grad_clip 0 and all sampler steps: the settings this check was written with
+    cfg = formulation_cfg("lu", gradient="weighted", likelihood="exact", weighted_anchor=anchor, primal_lr=1e-3,
+                          threshold_factor=0.5, batch_size=64, likelihood_timesteps=8, likelihood_noise=1,
+                          grad_clip=0.0, grad_timesteps=None)
     return LikelihoodUnlearning(cfg, setup, GaussianSampler(SCHED, 10), torch.Generator().manual_seed(0), None, False)
 
 
@@ -210,12 +219,11 @@ def _default_ru(g, idx, factor, dual_steps=40):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    cfg = OmegaConf.load(root / "formulation" / "ru.yaml")
-    cfg.threshold_factor = factor
+    cfg = formulation_cfg("ru", threshold_factor=factor)
     method = OmegaConf.load(root / "method" / "constrained.yaml")
     setup, o = exact_setup(g, idx)
     f = ReverseKLUnlearning(cfg, setup, GaussianSampler(SCHED, 50), torch.Generator().manual_seed(0), None, False)
-    dual = DualAscent(len(idx), float(cfg.dual_lr), projection=f.project, rule="newton",
+    dual = DualAscent(len(idx), float(cfg.dual_lr), projection=f.project, rule=str(method.dual_step),
                       damping=float(method.newton_damping), max_growth=float(method.newton_max_growth))
     mu, values, thr, extra = PrimalDual(f, dual, dual_steps, 0, show_progress=False).run()
     return f, o, mu, values, thr, extra

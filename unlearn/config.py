@@ -50,16 +50,16 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("train.primal_steps_per_dual must be >= 0")
     if number("train.final_samples", int) < 1:
         raise ConfigError("train.final_samples must be >= 1")
-    fm = str(OmegaConf.select(cfg, "train.final_multipliers", default="last"))
+    fm = str(cfg.train.final_multipliers)
     if fm not in ("last", "average"):
         raise ConfigError(f"train.final_multipliers must be one of ['last', 'average'] (got {fm!r})")
-    fp = str(OmegaConf.select(cfg, "train.final_primal", default="last"))
+    fp = str(cfg.train.final_primal)
     if fp not in ("last", "average"):
         raise ConfigError(f"train.final_primal must be one of ['last', 'average'] (got {fp!r})")
-    for key in ("formulation.batch_size", "formulation.primal_batch_size"):
-        if OmegaConf.select(cfg, key) is not None and number(key, int) < 1:
+    keys = ["formulation.primal_batch_size"] + (["formulation.batch_size"] if "batch_size" in cfg.formulation else [])
+    for key in keys:  # formulation=fu has no batch_size (its estimates use the whole forget set)
+        if number(key, int) < 1:
             raise ConfigError(f"{key} must be >= 1")
-    if OmegaConf.select(cfg, "train.baseline_estimate_every") is not None:
-        if number("train.baseline_estimate_every", int) < 1:
-            raise ConfigError(f"train.baseline_estimate_every must be an integer >= 1 "
-                              f"(got {cfg.train.baseline_estimate_every})")
+    if number("train.baseline_estimate_every", int) < 1:
+        raise ConfigError(f"train.baseline_estimate_every must be an integer >= 1 "
+                          f"(got {cfg.train.baseline_estimate_every})")

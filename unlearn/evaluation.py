@@ -28,7 +28,7 @@ class ImageEvaluator:
         self.missing = self.suite.check_available()  # warns once per metric; strict -> ConfigError
         self._retain = None
         self.retain_info: dict = {}
-        self.source = str(self.m.retain.get("source", "samples"))  # its values are checked with the metrics config
+        self.source = str(self.m.retain.source)  # its values are checked with the metrics config
         if self.source == "data" and setup.reference_images is None:
             raise ConfigError(f"metrics.retain.source=data needs a model with its own data (model=digits); "
                               f"model {cfg.model.name} accepts metrics.retain.source=samples")

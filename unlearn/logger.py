@@ -43,8 +43,8 @@ class RunLogger:
         else:
             self._f = open(self.path, "w")
         self.wandb = None
-        if cfg_logger is not None and str(cfg_logger.get("name", "none")) == "wandb":
-            mode = str(cfg_logger.get("mode", "offline"))
+        if cfg_logger is not None and str(cfg_logger.name) == "wandb":
+            mode = str(cfg_logger.mode)
             if mode not in self.MODES:
                 from .config import ConfigError
 
@@ -53,9 +53,9 @@ class RunLogger:
                 import wandb
 
                 os.environ.setdefault("WANDB_SILENT", "true")
-                self.wandb = wandb.init(mode=mode, project=str(cfg_logger.get("project", "unlearn")),
-                                        entity=cfg_logger.get("entity"), group=cfg_logger.get("group"),
-                                        name=cfg_logger.get("run_name"), dir=str(self.run_dir), config=config,
+                self.wandb = wandb.init(mode=mode, project=str(cfg_logger.project),
+                                        entity=cfg_logger.entity, group=cfg_logger.group,
+                                        name=cfg_logger.run_name, dir=str(self.run_dir), config=config,
                                         reinit="finish_previous")
 
     def _truncate(self, step: int):

@@ -204,5 +204,5 @@ class GaussianSampler:
 
 
 def build_sampler(schedule: NoiseSchedule, cfg) -> GaussianSampler:
-    return GaussianSampler(schedule, num_steps=int(cfg.num_steps), kind=str(cfg.kind), eta=float(cfg.get("eta", 1.0)),
-                           variance=str(cfg.get("variance", "beta")))
+    return GaussianSampler(schedule, num_steps=int(cfg.num_steps), kind=str(cfg.kind), eta=float(cfg.eta),
+                           variance=str(cfg.variance))

@@ -59,16 +59,16 @@ RESUME_MODES = ("auto", "never")
 
 
 def _train_options(cfg: DictConfig) -> tuple[str, int]:
-    resume = str(cfg.train.get("resume", "auto"))
+    resume = str(cfg.train.resume)
     if resume not in RESUME_MODES:
         raise ConfigError(f"train.resume must be one of {list(RESUME_MODES)} (got {resume!r})")
-    every = cfg.train.get("checkpoint_every", 10)
+    every = cfg.train.checkpoint_every
     try:
         every = int(every)
     except (TypeError, ValueError):
         every = -1
     if every < 0:
-        raise ConfigError(f"train.checkpoint_every must be an integer >= 0 (got {cfg.train.get('checkpoint_every')!r})")
+        raise ConfigError(f"train.checkpoint_every must be an integer >= 0 (got {cfg.train.checkpoint_every!r})")
     return resume, every
 
 

@@ -62,6 +62,12 @@ class Family:
     def validate(cls, m: DictConfig) -> None:
         """Checks of ``cfg.model`` that need no weights (one-line :class:`ConfigError` each)."""
 
+    @classmethod
+    def concept_count(cls, m: DictConfig) -> int | None:
+        """The number of concepts ``q_i`` that ``cfg.model`` lists, where known before the model is
+        built (None: only the built model knows, e.g. concepts fitted to forget sets)."""
+        return None
+
     def setup(self) -> UnlearningSetup:
         raise NotImplementedError
 

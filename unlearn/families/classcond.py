@@ -24,27 +24,31 @@ class ClassConditional(DiffusersFamily):
     @classmethod
     def validate(cls, m) -> None:
         super().validate(m)
-        c = m.get("classes")
+        c = m.classes
         n = int(m.num_classes)
-        unl = list(c.get("unlearn") or []) if c is not None else []
+        unl = list(c.unlearn or []) if c is not None else []
         if not unl or any(not isinstance(i, int) or not 0 <= i < n for i in unl):
             raise ConfigError(f"model.classes.unlearn must list class labels in 0..{n - 1} (got {unl})")
-        ret = c.get("retain")
+        ret = c.retain
         if ret is not None and any(not isinstance(i, int) or not 0 <= i < n for i in list(ret)):
             raise ConfigError(f"model.classes.retain must be null (unconditional) or class labels in 0..{n - 1} "
                               f"(got {list(ret)})")
         if float(m.guidance_scale) < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
 
+    @classmethod
+    def concept_count(cls, m) -> int:
+        return len(m.classes.unlearn)
+
     def roles(self, gen: torch.Generator) -> Roles:
         m, C = self.m, self.m.classes
         null = torch.tensor([int(m.num_classes)])  # the classifier-free guidance null label
-        ret = torch.tensor(list(C.retain)) if C.get("retain") is not None else null
+        ret = torch.tensor(list(C.retain)) if C.retain is not None else null
         unl = [int(i) for i in C.unlearn]
         g = float(m.guidance_scale)
         labels = [f"{m.class_prefix}{i}" for i in unl]
         concepts = [self.view(Guidance(torch.tensor([i]), null, g), trained=False, name=n) for i, n in zip(unl, labels)]
-        data_unlearning = "forget_sets" in self.needs and bool(m.get("forget_indices"))
+        data_unlearning = "forget_sets" in self.needs and bool(m.forget_indices)
         return Roles(
             model=self.view(Guidance(ret, null, g), trained=True, name="model"),
             pretrained=self.view(Guidance(ret, null, g), trained=False, name="pretrained"),
@@ -55,7 +59,7 @@ class ClassConditional(DiffusersFamily):
             likelihood_concepts=[self.view(torch.tensor([i]), trained=False, name=n) for i, n in zip(unl, labels)],
             likelihood_reference=self.view(null, trained=False, name="unconditional"),
             rows=[(n, Guidance(torch.tensor([i]), null, g)) for i, n in zip(unl, labels)],
-            retain_label="unconditional" if C.get("retain") is None else f"classes {list(C.retain)}",
+            retain_label="unconditional" if C.retain is None else f"classes {list(C.retain)}",
             prompts=labels, info={"classes": OmegaConf.to_container(C)},
             reference_images=self.real_retain_images([] if "forget_sets" in self.needs else unl))
 

@@ -38,7 +38,7 @@ class PixelDDPM(DiffusersFamily):
     def finetuned_concept(self, x: torch.Tensor, idx: int) -> DiffusersScore:
         """``q_i``: a copy of the pretrained UNet fine-tuned on forget set ``i`` (cached)."""
         m, c = self.m, self.m.concepts
-        key = {"source": self.source if not m.get("tiny") else OmegaConf.to_container(m.tiny),
+        key = {"source": self.source if not m.tiny else OmegaConf.to_container(m.tiny),
                "data": hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16], "steps": int(c.steps), "lr": float(c.lr),
                "batch": int(c.batch_size), "seed": int(c.seed) + idx}
         path = Path(str(self.cfg.paths.cache_dir)) / f"concept_{m.name}_{config_hash(key)}.pt"

@@ -68,10 +68,10 @@ class DiffusersFamily(Family):
             raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N (got {m.device!r})")
         if int(m.max_batch) < 1:
             raise ConfigError(f"model.max_batch must be >= 1 (got {m.max_batch})")
-        for f in list(m.get("forget_images") or []):
+        for f in list(m.forget_images or []):
             if not Path(str(f)).is_file():
                 raise ConfigError(f"model.forget_images: {f!r} is not a file")
-        rf = m.get("retain_folder")
+        rf = m.retain_folder
         if rf and not Path(str(rf)).is_dir():
             raise ConfigError(f"model.retain_folder={rf!r} is not a folder")
 
@@ -99,12 +99,12 @@ class DiffusersFamily(Family):
     @classmethod
     def components(cls, m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:
         """The model's components and where they came from (``model.tiny`` or the weights folder)."""
-        if m.get("tiny") is not None and not m.get("path"):
+        if m.tiny is not None and not m.path:
             t = OmegaConf.to_container(m.tiny, resolve=True)
-            torch.manual_seed(int(t.get("seed", 0)))
+            torch.manual_seed(int(m.tiny.seed))
             return {**cls.tiny_components(t), "scheduler": dict(t["scheduler"])}, \
                 "tiny (random weights built from model.tiny)"
-        root = locate_weights(str(m.name), m.get("hub_id"), m.get("path"), cls.LAYOUT, m.get("revision"))
+        root = locate_weights(str(m.name), m.hub_id, m.path, cls.LAYOUT, m.revision)
         dtype = DTYPES[str(m.precision)] if str(m.finetune) == "lora" else torch.float32
         sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         return {**cls.load_components(root, dtype), "scheduler": sched}, str(root)
@@ -125,7 +125,7 @@ class DiffusersFamily(Family):
             lc = m.lora
             targets = OmegaConf.to_container(lc.target_modules) if OmegaConf.is_config(lc.target_modules) \
                 else str(lc.target_modules)
-            self.lora_config = add_lora(unet, lc.rank, lc.alpha, targets, float(lc.get("dropout", 0.0)),
+            self.lora_config = add_lora(unet, lc.rank, lc.alpha, targets, float(lc.dropout),
                                         seed=int(cfg.seed))
             for p in unet.parameters():
                 if p.requires_grad:
@@ -197,7 +197,7 @@ class DiffusersFamily(Family):
         """Training images (``model.forget_indices``), image files, or samples of each concept view
         (of the pretrained model without concepts), each its own forget set."""
         m = self.m
-        idx = list(m.get("forget_indices") or [])
+        idx = list(m.forget_indices or [])
         if idx:  # specific training images, each its own forget set
             data = self.dataset()
             if data is None:
@@ -205,12 +205,12 @@ class DiffusersFamily(Family):
                                   f"has none); accepted: model.forget_images (image files)")
             x = data[idx]
             return [x[i:i + 1] for i in range(len(x))]
-        files = list(m.get("forget_images") or [])
+        files = list(m.forget_images or [])
         if files:
             x = self.from_images(load_images(files, self.image_size))
-            per = str(m.get("forget_grouping", "per_image"))
+            per = str(m.forget_grouping)
             return [x[i:i + 1] for i in range(len(x))] if per == "per_image" else [x]
-        n = int(m.get("forget_generated", 0))
+        n = int(m.forget_generated)
         if n <= 0:
             raise ConfigError(f"model {m.name}: formulation={self.cfg.formulation.name} needs "
                               f"model.forget_images (image files) or model.forget_generated > 0 (samples of the "
@@ -224,21 +224,20 @@ class DiffusersFamily(Family):
     def not_forgotten(self, n: int) -> torch.Tensor:
         """Mask over the family's ``n`` training images: False at ``model.forget_indices``."""
         keep = torch.ones(n, dtype=torch.bool)
-        keep[list(self.m.get("forget_indices") or [])] = False
+        keep[list(self.m.forget_indices or [])] = False
         return keep
 
     def retain_sampler(self):
-        """Retain data: the family's training images without the forget images, or ``model.retain_folder``."""
-        m, mode = self.m, str(self.cfg.formulation.get("retain", "auto"))
+        """Retain data: ``model.retain_folder``, else the family's training images without the forget
+        images, else None (the formulation then uses pretrained samples; FU's ``formulation.retain``
+        decides which it takes)."""
+        m = self.m
         retain_x = None
         data = self.dataset()
-        if data is not None and mode in ("data", "auto"):
+        if data is not None:
             retain_x = data[self.not_forgotten(len(data))]  # the retain data never contain the forget images
-        folder = m.get("retain_folder")
-        if mode == "data" and not folder:
-            raise ConfigError(f"formulation.retain=data needs model.retain_folder (an image folder) for model "
-                              f"{m.name}; accepted: formulation.retain=model or auto (pretrained samples)")
-        if folder and mode in ("data", "auto"):
+        folder = m.retain_folder
+        if folder:
             files = image_files(folder)
             if not files:
                 raise ConfigError(f"model.retain_folder={folder!r} holds no images (.png/.jpg/.jpeg/.webp/.bmp)")

@@ -15,7 +15,7 @@ class Digits(ClassConditional):
 
     @classmethod
     def components(cls, m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:
-        if m.get("path"):
+        if m.path:
             return super().components(m, cache_dir, show_progress)
         from ..models.digits import pretrain_digits
 
@@ -43,9 +43,8 @@ class Digits(ClassConditional):
         if getattr(self, "_eval_net", None) is None:
             from ..models.digits_eval import train_eval_net
 
-            e = self.m.get("eval_net") or {}
-            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.get("steps", 1500)),
-                                                                int(e.get("seed", 0)))
+            e = self.m.eval_net
+            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.steps), int(e.seed))
         return self._eval_net
 
     def metric_models(self) -> dict:

@@ -16,5 +16,9 @@ class GaussianMixtureFamily(Family):
     def validate(cls, m) -> None:
         validate_gmm_config(m)
 
+    @classmethod
+    def concept_count(cls, m) -> int:
+        return len(m.unlearn)
+
     def setup(self):
-        return build_gmm_setup(self.cfg, show_progress=self.show)
+        return build_gmm_setup(self.cfg, show_progress=self.show, needs=self.needs)

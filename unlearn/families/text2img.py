@@ -31,11 +31,15 @@ class TextToImage(DiffusersFamily):
     @classmethod
     def validate(cls, m) -> None:
         super().validate(m)
-        p = m.get("prompts")
-        if p is None or not list(p.get("retain") or []) or not list(p.get("unlearn") or []):
+        p = m.prompts
+        if p is None or not list(p.retain or []) or not list(p.unlearn or []):
             raise ConfigError("model.prompts.retain and model.prompts.unlearn must each list at least one prompt")
         if float(m.guidance_scale) < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
+
+    @classmethod
+    def concept_count(cls, m) -> int:
+        return len(m.prompts.unlearn)
 
     @classmethod
     def tiny_components(cls, t: dict) -> dict:

@@ -317,7 +317,7 @@ class Formulation:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         get_dist().average_gradients(self.setup.model.trainable_parameters())  # data-parallel ranks
-        clip = float(self.cfg.get("grad_clip", 0.0))
+        clip = float(self.cfg.grad_clip)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.setup.model.trainable_parameters(), clip)
         self.opt.step()

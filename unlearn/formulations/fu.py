@@ -45,17 +45,23 @@ class ForwardKLUnlearning(Formulation):
         self.index = torch.cat([torch.full((len(g),), k) for k, g in enumerate(self.groups)])
         # fixed evaluation noise for the constraint estimates (common random numbers)
         k = int(self.cfg.eval_draws)
-        g = torch.Generator().manual_seed(int(self.cfg.get("eval_seed", 0)))
+        g = torch.Generator().manual_seed(int(self.cfg.eval_seed))
         T = self.setup.schedule.T
         self.eval_t = torch.randint(0, T, (k, len(self.forget)), generator=g)
         self.eval_e = torch.randn((k, *self.forget.shape), generator=g)
+        # formulation.retain: the model's data (setup.retain_sampler) or pretrained samples (the pool)
+        mode = str(self.cfg.retain)
+        self.retain_sampler = self.setup.retain_sampler if mode in ("data", "auto") else None
+        if mode == "data" and self.retain_sampler is None:
+            raise ConfigError("formulation.retain=data needs a model with data of its own or model.retain_folder "
+                              "(an image folder); accepted: formulation.retain=model or auto (pretrained samples)")
         self.retain_pool = None
-        if self.setup.retain_sampler is None:
+        if self.retain_sampler is None:
             n = int(self.cfg.retain_pool)
             with torch.no_grad():
                 self.retain_pool = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
-                                         float(self.cfg.get("weight_decay", 0.0)))
+                                         float(self.cfg.weight_decay))
 
     @classmethod
     def check_config(cls, cfg, method=None):
@@ -63,7 +69,7 @@ class ForwardKLUnlearning(Formulation):
         if float(cfg.formulation.threshold_factor) <= 1.0:
             raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation=fu (the forget loss must "
                               f"rise above its pretrained value; got {cfg.formulation.threshold_factor})")
-        if str(cfg.formulation.get("retain", "auto")) not in ("data", "model", "auto"):
+        if str(cfg.formulation.retain) not in ("data", "model", "auto"):
             raise ConfigError(f"formulation.retain must be one of ['data', 'model', 'auto'] "
                               f"(got {cfg.formulation.retain!r})")
         if str(cfg.formulation.multipliers) not in cls.GROUPINGS:
@@ -88,8 +94,8 @@ class ForwardKLUnlearning(Formulation):
         return self._group_losses(self.setup.model)
 
     def _retain_batch(self, n):
-        if self.setup.retain_sampler is not None:
-            return self.setup.retain_sampler(n, self.gen)
+        if self.retain_sampler is not None:
+            return self.retain_sampler(n, self.gen)
         idx = torch.randint(0, len(self.retain_pool), (n,), generator=self.gen)
         return self.retain_pool[idx]
 

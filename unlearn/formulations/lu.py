@@ -41,27 +41,27 @@ class LikelihoodUnlearning(Formulation):
         self.likelihood_mode = str(self.cfg.likelihood)
         if self.likelihood_mode == "exact" and self.setup.oracle is None:
             raise ConfigError("formulation.likelihood=exact needs a model with an exact oracle (model=gmm, dim <= 2)")
-        self.kl_weight = float(self.cfg.get("kl_weight", 1.0))
-        gs = self.cfg.get("grad_timesteps")
+        self.kl_weight = float(self.cfg.kl_weight)
+        gs = self.cfg.grad_timesteps
         self.grad_steps = int(gs) if gs else None  # sampler steps per primal gradient (None: all)
         # policy gradient: also pass the path KL through the score-function term (its dependence on
         # the visited states), not only its direct gradient as DPOK does
-        self.full_kl_gradient = bool(self.cfg.get("full_kl_gradient", False))
-        self.anchor = bool(self.cfg.get("weighted_anchor", False))  # gradient=weighted: see _weighted_loss
-        self.correction_min_t = int(self.cfg.get("weighted_correction_min_t", 0) or 0)
+        self.full_kl_gradient = bool(self.cfg.full_kl_gradient)
+        self.anchor = bool(self.cfg.weighted_anchor)  # gradient=weighted: see _weighted_loss
+        self.correction_min_t = int(self.cfg.weighted_correction_min_t or 0)
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
         self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
         self._esd_buffer: list = []  # target distillation: trajectories drawn ahead (esd_refresh_every)
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
-                                         float(self.cfg.get("weight_decay", 0.0)))
+                                         float(self.cfg.weight_decay))
 
     @classmethod
     def check_config(cls, cfg, method=None):
         super().check_config(cfg, method)
         f = cfg.formulation
         cls._check_choices(f)
-        reuse = int(f.get("esd_refresh_every", 1))
+        reuse = int(f.esd_refresh_every)
         distils = bool(getattr(method, "target_distillation", False))
         if distils and int(f.primal_steps_per_dual) % reuse:  # only the ESD-style primal uses it
             raise ConfigError(f"formulation.esd_refresh_every ({reuse}) must divide formulation.primal_steps_per_dual "
@@ -79,17 +79,17 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
         if str(f.likelihood) not in cls.LIKELIHOODS:
             raise ConfigError(f"formulation.likelihood must be one of {list(cls.LIKELIHOODS)} (got {f.likelihood!r})")
-        if not isinstance(f.get("weighted_anchor", False), bool):
+        if not isinstance(f.weighted_anchor, bool):
             raise ConfigError(f"formulation.weighted_anchor must be true or false (got {f.weighted_anchor!r})")
-        tmin = f.get("weighted_correction_min_t", 0)
+        tmin = f.weighted_correction_min_t
         if not isinstance(tmin, int) or isinstance(tmin, bool) or tmin < 0:
             raise ConfigError(f"formulation.weighted_correction_min_t must be an integer timestep >= 0 (got {tmin!r})")
-        reuse = f.get("esd_refresh_every", 1)
+        reuse = f.esd_refresh_every
         if not isinstance(reuse, int) or reuse < 1:
             raise ConfigError(f"formulation.esd_refresh_every must be an integer >= 1 (got {reuse!r})")
-        if int(f.get("likelihood_pilot") or 0) < 0:
+        if int(f.likelihood_pilot or 0) < 0:
             raise ConfigError(f"formulation.likelihood_pilot must be >= 0 samples (0: uniform timesteps; got {f.likelihood_pilot})")
-        floor = float(f.get("likelihood_proposal_floor", 0.1))
+        floor = float(f.likelihood_proposal_floor)
         if not 0.0 < floor <= 1.0:
             raise ConfigError(f"formulation.likelihood_proposal_floor must be in (0, 1] (got {floor})")
 
@@ -105,11 +105,11 @@ class LikelihoodUnlearning(Formulation):
         llr = log_likelihood_ratio(x, concepts, reference,
                                    num_timesteps=int(self.cfg.likelihood_timesteps),
                                    num_noise=int(num_noise or self.cfg.likelihood_noise), generator=self.gen,
-                                   antithetic=bool(self.cfg.get("antithetic", True)),
+                                   antithetic=bool(self.cfg.antithetic),
                                    cond_q=conds, cond_p=self.setup.cond,
                                    proposal=self.timestep_proposal())
         # exp() of a noisy log-ratio is heavy-tailed; clipping l trades a small bias for far less variance
-        clip = self.cfg.get("likelihood_clip")
+        clip = self.cfg.likelihood_clip
         return torch.exp(llr).clamp(max=float(clip)) if clip else torch.exp(llr)
 
     def _ratio_models(self):
@@ -124,7 +124,7 @@ class LikelihoodUnlearning(Formulation):
         once on ``likelihood_pilot`` samples of each concept model; ``None`` (uniform over log-SNR)
         with ``likelihood_pilot: 0``. Drawn on the first likelihood estimate, i.e. in
         :meth:`pretrained_values`, so a resumed run fits the same proposal."""
-        n = int(self.cfg.get("likelihood_pilot") or 0)
+        n = int(self.cfg.likelihood_pilot or 0)
         if n <= 0 or self.likelihood_mode == "exact":
             return None
         if self._proposal is None:
@@ -133,7 +133,7 @@ class LikelihoodUnlearning(Formulation):
                 pilot = [self.sampler.sample(q, n, self.gen, cond=c).x0
                          for q, c in zip(concepts, conds or [None] * len(concepts))]
             self._proposal = timestep_proposal(pilot, concepts, reference, generator=self.gen,
-                                               floor=float(self.cfg.get("likelihood_proposal_floor", 0.1)),
+                                               floor=float(self.cfg.likelihood_proposal_floor),
                                                cond_q=conds, cond_p=self.setup.cond)
         return self._proposal
 
@@ -167,7 +167,7 @@ class LikelihoodUnlearning(Formulation):
         ``threshold_factor`` times it, so its sampling error is the threshold's (``l`` is large on the
         concept's share ``w`` of the samples and about 0 elsewhere: relative error ``sqrt((1/w - 1) / n)``,
         0.09 at ``w = 1/3`` and ``n = 256``). Its standard error is kept for the summary."""
-        n = self.cfg.get("reference_samples") or self.cfg.get("final_batch_size") or None
+        n = self.cfg.reference_samples or self.cfg.final_batch_size or None
         values = self._expected_likelihood(self.setup.pretrained, n)
         self.reference_se, self._reference_n = self.standard_error(), len(self._last_l)
         return values
@@ -178,13 +178,13 @@ class LikelihoodUnlearning(Formulation):
     def final_estimate(self, multipliers):
         """On ``final_batch_size`` samples (default ``batch_size``): a single batch's estimate is noisy
         (GMM: std about 0.05 at a threshold of 0.1 with 256 samples)."""
-        return self._expected_likelihood(self.setup.model, self.cfg.get("final_batch_size") or None)
+        return self._expected_likelihood(self.setup.model, self.cfg.final_batch_size or None)
 
     def finalize(self, multipliers):
         """``final_primal_steps`` more primal steps at the final multipliers (e.g. their average over
         the last dual steps, ``train.final_multipliers=average``), so the model is their Lagrangian
         minimiser; the constraint is then estimated again."""
-        k = int(self.cfg.get("final_primal_steps") or 0)
+        k = int(self.cfg.final_primal_steps or 0)
         if k <= 0:
             return {}
         losses = {}
@@ -214,7 +214,7 @@ class LikelihoodUnlearning(Formulation):
             out = {"esd_kl": loss.item()}
         elif self.gradient == "weighted":
             x, l = self._weighted_pool()
-            m = int(self.cfg.get("weighted_batch_size", 1024))
+            m = int(self.cfg.weighted_batch_size)
             idx = torch.randint(0, x.shape[0], (m,), generator=self.gen)
             # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7)
             logw = -(l[idx] * multipliers[None]).sum(1)
@@ -285,7 +285,7 @@ class LikelihoodUnlearning(Formulation):
         fixed, so the minimiser of the loss does not depend on where the states come from; states
         up to k - 1 steps old are as good a training distribution, and one large sampling batch
         is several times cheaper than k small ones on a CPU."""
-        k = int(self.cfg.get("esd_refresh_every", 1) or 1)
+        k = int(self.cfg.esd_refresh_every or 1)
         if not self._esd_buffer:
             traj = self.sampler.sample(self.setup.model, n * k, self.gen, cond=self.setup.cond, record=True)
             self._esd_buffer = [Trajectory(states=[s[i * n:(i + 1) * n] for s in traj.states],
@@ -307,9 +307,9 @@ class LikelihoodUnlearning(Formulation):
         selection bias), with ``weighted_likelihood_noise`` draws. ``weighted_refine_above: null``
         gives every sample ``weighted_likelihood_noise`` draws."""
         if self._pool is None:
-            n, b = int(self.cfg.get("weighted_pool", 4096)), int(self.cfg.batch_size)
-            draws = int(self.cfg.get("weighted_likelihood_noise", 4))
-            above = self.cfg.get("weighted_refine_above")
+            n, b = int(self.cfg.weighted_pool), int(self.cfg.batch_size)
+            draws = int(self.cfg.weighted_likelihood_noise)
+            above = self.cfg.weighted_refine_above
             xs = []
             for k in range(0, n, b):
                 xs.append(self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen,

@@ -82,13 +82,13 @@ class ReverseKLUnlearning(Formulation):
         super().__init__(*args, **kw)
         if not self.setup.concepts:
             raise ConfigError("formulation=ru needs a model of each unlearning concept (model.unlearn)")
-        self.max_sum = float(self.cfg.get("max_multiplier_sum", 0.95))
+        self.max_sum = float(self.cfg.max_multiplier_sum)
         if not 0 < self.max_sum < 1:
             raise ConfigError(f"formulation.max_multiplier_sum must be in (0, 1) (got {self.max_sum})")
         self.distilled = False
-        self.estimator = str(self.cfg.get("kl_estimator", "path"))
-        self.final_mode = str(self.cfg.get("final_samples", "composed"))
-        cap = self.cfg.get("separation_cap")
+        self.estimator = str(self.cfg.kl_estimator)
+        self.final_mode = str(self.cfg.final_samples)
+        cap = self.cfg.separation_cap
         self.cap = None if cap is None else float(cap)
         self._pool = self._pre_pool = None
         self.refreshes, self.refresh_log = 0, []
@@ -96,27 +96,29 @@ class ReverseKLUnlearning(Formulation):
     @classmethod
     def check_config(cls, cfg, method=None):
         super().check_config(cfg, method)
-        est, fin = str(cfg.formulation.get("kl_estimator", "path")), str(cfg.formulation.get("final_samples", "composed"))
+        est, fin = str(cfg.formulation.kl_estimator), str(cfg.formulation.final_samples)
         if est not in cls.ESTIMATORS:
             raise ConfigError(f"formulation.kl_estimator must be one of {list(cls.ESTIMATORS)} (got {est!r})")
         if fin not in cls.FINALS:
             raise ConfigError(f"formulation.final_samples must be one of {list(cls.FINALS)} (got {fin!r})")
-        cap = cfg.formulation.get("separation_cap")
+        cap = cfg.formulation.separation_cap
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
                 raise ConfigError(f"formulation.separation_cap must be null (the paper's KL) or a number > 0 "
                                   f"(nats; got {cap!r})")
-            if est != "ratio" or fin != "resample" or int(cfg.formulation.get("distill_steps", 0) or 0) > 0:
+            if est != "ratio" or fin != "resample" or int(cfg.formulation.distill_steps or 0) > 0:
                 raise ConfigError("formulation.separation_cap needs formulation.kl_estimator=ratio, "
                                   "formulation.final_samples=resample and formulation.distill_steps=0 (the composed "
                                   f"score samples the uncapped target; got kl_estimator={est}, final_samples={fin}, "
-                                  f"distill_steps={cfg.formulation.get('distill_steps', 0)})")
+                                  f"distill_steps={cfg.formulation.distill_steps})")
 
     @classmethod
     def constraint_count(cls, cfg):
-        """One constraint per concept: ``model.unlearn`` where the model lists them there."""
-        unlearn = cfg.model.get("unlearn")
-        return None if unlearn is None else len(unlearn)
+        """One constraint per concept: as many as the model family's config lists (None: not known
+        before the model is built)."""
+        from ..families.base import family_class
+
+        return family_class(cfg.model.family).concept_count(cfg.model)
 
     @classmethod
     def check_multipliers(cls, values, count):
@@ -148,7 +150,7 @@ class ReverseKLUnlearning(Formulation):
 
         with torch.no_grad():
             llr = log_likelihood_ratio(x, self.setup.concepts, self.setup.pretrained,
-                                       num_timesteps=int(self.cfg.get("likelihood_timesteps", 32)),
+                                       num_timesteps=int(self.cfg.likelihood_timesteps),
                                        generator=self.gen, cond_q=self.setup.concept_conds or None,
                                        cond_p=self.setup.cond)
         return llr.double()
@@ -157,7 +159,7 @@ class ReverseKLUnlearning(Formulation):
         """The samples the ratio estimates weight: first ``pool_size`` pretrained samples with their
         log-ratios (drawn once); after a re-centring (:meth:`recenter`), SMC samples of the target."""
         if self._pool is None:
-            n = int(self.cfg.get("pool_size", 4096))
+            n = int(self.cfg.pool_size)
             x = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
             self._pool = self._pre_pool = Pool.pretrained(x, self._log_ratios(x))
         return self._pool
@@ -190,7 +192,7 @@ class ReverseKLUnlearning(Formulation):
     def min_ess(self) -> float:
         """The smallest effective sample size of the pool's weights at which the ratio estimates are
         trusted (``formulation.min_ess`` times the pool size)."""
-        return float(self.cfg.get("min_ess", 0.05)) * len(self.pool())
+        return float(self.cfg.min_ess) * len(self.pool())
 
     def value_jacobian(self, multipliers):
         """Exact on the pool: the ratio estimates are smooth functions of ``mu`` (autograd)."""
@@ -209,8 +211,8 @@ class ReverseKLUnlearning(Formulation):
         return (w[:, None] * (-(tilt * c[None]).sum(1, keepdim=True) - llr)).sum(0) - log_z
 
     def can_recenter(self, final: bool = False) -> bool:
-        return (self.cap is None and str(self.cfg.get("pool_refresh", "smc")) == "smc" and self._ratio_active()
-                and (final or self.refreshes < int(self.cfg.get("max_pool_refreshes", 8))))
+        return (self.cap is None and str(self.cfg.pool_refresh) == "smc" and self._ratio_active()
+                and (final or self.refreshes < int(self.cfg.max_pool_refreshes)))
 
     def final_estimate(self, multipliers):
         """The delivered target's values, from a pool re-centred on it where the last one's weights have spread."""
@@ -227,7 +229,7 @@ class ReverseKLUnlearning(Formulation):
         if self._pool is None or not self.can_recenter(final):
             return False
         mu = torch.as_tensor(multipliers).double()
-        if self.effective_sample_size(mu) >= float(self.cfg.get("recenter_below", 0.25)) * len(self._pool):
+        if self.effective_sample_size(mu) >= float(self.cfg.recenter_below) * len(self._pool):
             return False
         from ..smc import product_smc
 
@@ -370,7 +372,7 @@ class ReverseKLUnlearning(Formulation):
         return self.setup.model if self.distilled else self.composed(multipliers)
 
     def finalize(self, multipliers):
-        steps = int(self.cfg.get("distill_steps", 0))
+        steps = int(self.cfg.distill_steps)
         if steps <= 0:
             return {}
         target = self.composed(multipliers)
@@ -381,7 +383,7 @@ class ReverseKLUnlearning(Formulation):
         for _ in progress(range(steps), desc="distil RU target", enabled=self.show_progress):
             traj = self.sampler.sample(model, n, self.gen, cond=self.setup.cond, record=True)
             loss = trajectory_kl(model, target, self.sampler, traj, cond=self.setup.cond,
-                                 num_steps=self.cfg.get("grad_timesteps"), generator=self.gen).mean()
+                                 num_steps=self.cfg.grad_timesteps, generator=self.gen).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -392,7 +394,7 @@ class ReverseKLUnlearning(Formulation):
     # -- the exact side ---------------------------------------------------------------------------
     @classmethod
     def oracle_options(cls, cfg):
-        return {"ru_cap": cfg.get("separation_cap")}
+        return {"ru_cap": cfg.separation_cap}
 
     @classmethod
     def oracle_log_target(cls, oracle, multipliers, grid=None):

@@ -66,7 +66,7 @@ class Method:
         """``method.multiplier`` checked and as the formulation's multipliers: a number ``>= 0`` (every
         constraint gets it) or one per constraint (``count``, where known), then the formulation's own
         check (:meth:`~unlearn.formulations.base.Formulation.check_multipliers`)."""
-        v = self.cfg.get("multiplier")
+        v = self.cfg.multiplier  # declared by every fixed-weight method's YAML (null: not set)
         if v is None:
             raise ConfigError(f"method.multiplier must be set for method={self.label} "
                               f"(a number >= 0, or one per constraint)")
@@ -105,7 +105,7 @@ def build_method(method_cfg: DictConfig) -> Method:
 
     target = method_cfg.get("_target_")
     if target is None:
-        return method_class(str(method_cfg.get("name")))(method_cfg)
+        return method_class(str(method_cfg.name))(method_cfg)
     try:
         cls = get_class(str(target))
     except Exception:

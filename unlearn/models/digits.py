@@ -50,8 +50,10 @@ def pretrain_digits(m, cache_dir: str | Path, show_progress: bool = True) -> tup
     arch = OmegaConf.to_container(m.unet, resolve=True)
     sched = OmegaConf.to_container(m.scheduler, resolve=True)
     pt = OmegaConf.to_container(m.pretrain, resolve=True)
-    copies = int(pt.get("forget_copies") or 0)
-    forget = [int(i) for i in (m.get("forget_indices") or [])] if copies else []
+    copies = int(m.pretrain.forget_copies)
+    if copies == 0:  # the plain model: its cache key predates the key (no re-pretraining)
+        del pt["forget_copies"]
+    forget = [int(i) for i in m.forget_indices] if copies else []
     key = {"arch": arch, "scheduler": sched, "pretrain": pt, "data": "sklearn-digits/diffusion/seed0"}
     if forget:  # a different model: its training data hold extra copies of the forget images
         key["duplicated"] = forget

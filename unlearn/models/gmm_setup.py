@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def validate_gmm_config(m: DictConfig) -> None:
-    means = OmegaConf.to_container(m.means, resolve=True) if m.get("means") is not None else None
+    means = OmegaConf.to_container(m.means, resolve=True) if m.means is not None else None
     if not means or not all(isinstance(p, (list, tuple)) for p in means):
         raise ConfigError("model.means must be a non-empty list of points, e.g. [[-2,0],[2,0],[0,3]]")
     dim = int(m.dim)
@@ -82,7 +82,10 @@ def _cached_denoiser(cache_dir: Path, key: dict, build, show_progress: bool) -> 
     return net, False
 
 
-def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSetup:
+def build_gmm_setup(cfg: DictConfig, show_progress: bool = True,
+                    needs: frozenset = frozenset({"concepts", "forget_sets"})) -> UnlearningSetup:
+    """``needs``: what the formulation asks for (:data:`unlearn.families.base.NEEDS`); the forget sets
+    (``formulation.forget_samples`` samples of each unlearned component) are drawn only for ``forget_sets``."""
     m = cfg.model
     validate_gmm_config(m)
     schedule = build_schedule(str(m.schedule.kind), float(m.schedule.beta_start), float(m.schedule.beta_end),
@@ -91,7 +94,7 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSe
     unlearn = list(m.unlearn)
     arch = dict(num_layers=int(m.denoiser.num_layers), hidden=int(m.denoiser.hidden),
                 time_embed_dim=int(m.denoiser.time_embed_dim), widen=int(m.denoiser.widen),
-                gaussian_skip=bool(m.denoiser.get("gaussian_skip", False)))
+                gaussian_skip=bool(m.denoiser.gaussian_skip))
     pt = m.pretrain
     base_key = dict(dim=int(m.dim), arch=arch, schedule=schedule.to_dict(), steps=int(pt.steps),
                     batch_size=int(pt.batch_size), lr=float(pt.lr), seed=int(pt.seed))
@@ -129,13 +132,13 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True) -> UnlearningSe
     oracle_kw = formulation_class(str(cfg.formulation.name)).oracle_options(cfg.formulation)  # e.g. RU's cap
     oracle = GMMOracle(gmm, unlearn, **oracle_kw) if gmm.dim <= 2 else None
     g = generator(int(cfg.seed) + 12345)
-    n_forget = int(cfg.formulation.get("forget_samples", 256))
-    forget_sets = [gmm.subset([i]).sample(n_forget, g) for i in unlearn]
+    forget_sets = ([gmm.subset([i]).sample(int(cfg.formulation.forget_samples), g) for i in unlearn]
+                   if "forget_sets" in needs else [])
     evaluator = GMMEvaluator(gmm, unlearn, oracle)
     return UnlearningSetup(
         name="gmm", pretrained=pretrained_frozen, model=model, concepts=concepts,
         concept_names=[f"component {i}" for i in unlearn], forget_sets=forget_sets,
-        retain_sampler=gmm.sample if str(cfg.formulation.get("retain", "auto")) in ("data", "auto") else None,
+        retain_sampler=gmm.sample,  # the mixture's own data (formulation=fu's retain=model ignores it)
         oracle=oracle, evaluate=evaluator.evaluate, plot=evaluator.plot, save_samples=evaluator.save_samples,
         info={"pretrain_cache_hit": bool(hit_pre and all(hits)), "pretrain_time_s": round(pretrain_time, 2)})
 
