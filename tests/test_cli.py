@@ -81,12 +81,9 @@ def test_bad_input_in_its_own_process_exits_2(tmp_path):
     assert r.returncode == 2 and len(err) == 1 and "formulation.threshold_factor" in err[0], r.stderr
 
 
-def test_single_run_and_multirun_sweep(tmp_path):
+def test_multirun_sweep(tmp_path):
+    """A sweep through the CLI (a single CLI run: tests/test_resume.py runs, kills and resumes one)."""
     tiny = TINY + TINY_BY_FORMULATION["lu"]
-    r = run_cli(tiny + ["hydra.run.dir=single"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "single" / "summary.json").exists()
-    assert "outputs:" in r.stdout or True
     r = run_cli(["-m", "formulation.threshold_factor=0.1,0.3", "hydra.sweep.dir=sweep"] + tiny, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     factors = sorted(json.loads(p.read_text())["threshold_factor"] for p in (tmp_path / "sweep").glob("*/summary.json"))

@@ -23,16 +23,15 @@ def options(group: str) -> list[str]:
 
 
 def compositions() -> list[list[str]]:
-    """Every model x formulation with the two methods the presets sweep, every other method with every
-    formulation on the two testbeds (the method group meets the model only in tuning/method/), every
-    preset with both methods, every logger. (The full product
-    adds only method choices that no other layer sees.)"""
+    """Every model x formulation with the constrained method, every method with every formulation on
+    the two testbeds (the method group meets the model only in tuning/method/), every preset with both
+    methods it sweeps, every logger. (The full product adds only method choices no other layer sees.)"""
     methods = options("method")
     runs = [[f"model={m}", f"formulation={f}", f"method={me}"]
-            for m, f, me in itertools.product(options("model"), options("formulation"), ("constrained", "baseline"))]
+            for m, f, me in itertools.product(options("model"), options("formulation"), ("constrained",))]
     runs += [[f"model={m}", f"formulation={f}", f"method={me}"]
              for m, f, me in itertools.product(("gmm", "digits"), options("formulation"), methods)
-             if me not in ("constrained", "baseline")]
+             if me != "constrained"]
     runs += [[f"experiment={e}", f"method={me}"] for e in options("experiment") for me in ("constrained", "baseline")]
     runs += [[f"logger={lg}"] for lg in options("logger")]
     return runs
