@@ -97,9 +97,10 @@ def _runs_as(method: str, formulation: str) -> str:
     return build_method(OmegaConf.create({"name": method})).resolve(formulation_class(formulation)).name
 
 
-# a method that resolves to another registered one (an alias) runs as that one's cell
+# a method that resolves to another registered one (an alias) runs as that one's cell; the toy method
+# of this file meets the toy family and the GMM (the package's parts meet every family)
 CASES = [(fa, fo, me) for fa in FAMILY_NAMES for fo in FORMULATION_NAMES for me in METHOD_NAMES
-         if _runs_as(me, fo) == me]
+         if _runs_as(me, fo) == me and (me != HalfStepAscent.name or fa in (ToyLine.name, "gmm"))]
 ALIASES = [(fo, me) for fo in FORMULATION_NAMES for me in METHOD_NAMES if _runs_as(me, fo) != me]
 FIXED_WEIGHT = 0.2  # below 1 / (number of concepts) of every double: RU's fixed weights must sum to < 1
 
@@ -119,6 +120,7 @@ def contract_config(family: str, formulation: str, method: str):
     if "multiplier" in cfg.method:
         cfg.method.multiplier = FIXED_WEIGHT
     cfg.train.final_samples = min(int(cfg.train.final_samples), 64)  # the contract, not the metrics' precision
+    cfg.model.sampler.num_steps = min(int(cfg.model.sampler.num_steps), 4)
     if "esd_refresh_every" in cfg.formulation:  # the tiny budgets take one primal step per dual step
         cfg.formulation.esd_refresh_every = 1
     return cfg

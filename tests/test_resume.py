@@ -182,6 +182,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert json.loads((tmp_path / "run_info.json").read_text())["status"] == "diverged"
 
 
+@pytest.mark.slow  # two CLI processes (about 13 s); in-process divergence: test_divergence_stops_the_run_...
 def test_diverging_job_in_a_sweep_does_not_stop_the_healthy_one(tmp_path):
     # basic launcher, one process: job 0 is healthy, job 1 diverges; then a single diverging run
     # (dual_steps after the tiny overrides, which set 2: 1e38 times a violation near 1.6 overflows in the third update)
