@@ -82,7 +82,8 @@ def test_bad_input_in_its_own_process_exits_2(tmp_path):
 
 
 def test_multirun_sweep(tmp_path):
-    """A sweep through the CLI (a single CLI run: tests/test_resume.py runs, kills and resumes one)."""
+    """A sweep through the CLI (single CLI runs: the bad-input case in its own process here; the slow
+    kill-and-resume check in tests/test_resume.py)."""
     tiny = TINY + TINY_BY_FORMULATION["lu"]
     r = run_cli(["-m", "formulation.threshold_factor=0.1,0.3", "hydra.sweep.dir=sweep"] + tiny, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -3,7 +3,7 @@ doubles, generated from the registries (a part is tested by being registered).
 
 A toy family (a one-dimensional two-Gaussian mixture with exact scores) and a toy method (plain
 dual ascent at half the configured step) are defined and registered here, outside the package,
-and run through the same battery.
+and run through the same battery (the toy method with the toy family and the GMM).
 """
 from __future__ import annotations
 

@@ -56,6 +56,7 @@ def assert_same_final_state(a, b):
     assert strip(ra) == strip(rb)  # every step exactly once, same values
 
 
+@pytest.mark.slow  # three CLI processes (about 15 s); in-process resume and truncated checkpoints stay in the suite
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     steps = 40
     args = LU_CLI + [f"formulation.dual_steps={steps}", "train.checkpoint_every=1"]
