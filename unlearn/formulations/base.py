@@ -21,14 +21,19 @@ class OracleTarget:
 
 
 FORMULATIONS: dict[str, type["Formulation"]] = {}  # name -> class, filled as the modules are imported
-BUILTIN = ("unlearn.formulations.ru", "unlearn.formulations.lu", "unlearn.formulations.fu")
 
 
 def _import_builtin() -> None:
+    """Import every module of :mod:`unlearn.formulations` (each registers its class on import), so
+    a new formulation is one module and its config."""
     import importlib
+    import pkgutil
 
-    for mod in BUILTIN:  # each registers its class on import
-        importlib.import_module(mod)
+    from .. import formulations as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
 
 
 def formulation_class(formulation) -> type["Formulation"]:

@@ -5,4 +5,6 @@ equal weights on the Lagrangian; ``esd``: ESD-style distillation of a fixed targ
 the paper's weight-based baseline of each formulation (``Formulation.paper_baseline``).
 """
 from .base import METHODS, Method, build_method, method_class  # noqa: F401
-from . import baseline, constrained, esd, fixed  # noqa: F401,E402  (the built-in methods register themselves)
+from .base import import_methods as _import_methods  # noqa: E402
+
+_import_methods()  # every module of the package registers its method

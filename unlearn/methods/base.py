@@ -89,9 +89,21 @@ class Method:
         return t
 
 
+def import_methods() -> None:
+    import importlib
+    import pkgutil
+
+    from .. import methods as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
+
+
 def method_class(name: str) -> type[Method]:
-    """The registered method called ``name`` (the built-in ones register on import)."""
-    from . import baseline, constrained, esd, fixed  # noqa: F401
+    """The registered method called ``name`` (every module of :mod:`unlearn.methods` is imported
+    first: each registers its class, so a new method is one module and its config)."""
+    import_methods()
 
     try:
         return METHODS[str(name)]
