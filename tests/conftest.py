@@ -60,15 +60,14 @@ def _env(tmp_path_factory):
 
 
 def compose_cfg(overrides=(), tiny=True):
-    from hydra import compose, initialize_config_dir
+    import unlearn
 
     overrides = list(overrides)
     form = next((o.split("=", 1)[1] for o in overrides if o.startswith("formulation=")), "lu")
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "gmm")
     by_form = TINY_BY_FORMULATION.get(form, []) if model == "gmm" else TINY_BY_FORMULATION_IMAGE.get(form, [])
     base = (TINY_COMMON + TINY_BY_MODEL.get(model, []) + by_form) if tiny else []
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=base + overrides)
+    return unlearn.compose(base + overrides, CONFIGS)  # as the package composes, with the tiny budgets first
 
 
 @pytest.fixture
