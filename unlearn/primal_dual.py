@@ -292,5 +292,5 @@ class PrimalDual:
         self.final_values = values
         osc = self.mu.oscillation([[h["multipliers"][n] for n in names] for h in self.history])
         if osc:
-            extra = {**extra, "dual": osc}
+            extra = {**extra, "dual": {**osc, "delivered_multipliers": self.final_multipliers}}
         return final_mu, values, thr, extra

@@ -429,8 +429,10 @@ def print_summary(summary: dict, run_dir: Path, file=sys.stdout, wall_time_s: fl
         lines.append(f"verdict: {summary['verdict']}")
     dual = (summary.get("extra") or {}).get("dual") or {}
     if dual.get("oscillating"):
+        how = {"average": "the multiplier above is its mean over the second half",
+               "last": "the multiplier above is its last value"}.get(dual.get("delivered_multipliers"), "")
         lines.append(f"dual ascent oscillated over the second half (sign-flip share {dual['sign_flip_share']}, "
-                     f"multiplier spread {dual['multiplier_spread']})")
+                     f"multiplier spread {dual['multiplier_spread']}){': ' + how if how else ''}")
     met = summary.get("metrics") or {}
     pre = summary.get("pretrained_metrics") or {}
     keys = [k for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target")
