@@ -347,7 +347,9 @@ def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dic
     }
     if setup.oracle is not None and bool(cfg.train.oracle_multipliers) and f.oracle_comparable:
         try:
-            exact_b = f.oracle_thresholds(setup.oracle, f.factor)
+            given = f.cfg.thresholds
+            exact_b = (np.asarray([float(v) for v in given]) if given is not None
+                       else f.oracle_thresholds(setup.oracle, f.factor))
             summary["oracle"] = {"thresholds": exact_b.tolist(),
                                  "multipliers": f.oracle_multipliers(setup.oracle, exact_b).tolist()}
         except ValueError as exc:

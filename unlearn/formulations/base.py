@@ -1,7 +1,7 @@
 """The interface every formulation implements, shared by the primal-dual driver."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -21,6 +21,15 @@ class OracleTarget:
 
 
 FORMULATIONS: dict[str, type["Formulation"]] = {}  # name -> class, filled as the modules are imported
+
+
+@dataclass
+class PrimalLoss:
+    """One micro-batch's primal loss. ``clipped``: terms of ``loss`` whose gradient is clipped to its own
+    norm before it joins the rest (``(term, max_norm)``; SISS clips the forget term's gradient alone)."""
+    loss: torch.Tensor
+    stats: dict = field(default_factory=dict)
+    clipped: tuple = ()
 
 
 def _import_builtin() -> None:
@@ -98,6 +107,22 @@ class Formulation:
         """Checks that need no model, run before any pretraining (override to add more).
         ``threshold_factor > 0`` is checked by :func:`unlearn.config.validate_config` before this;
         ``method.multiplier`` by the method (:meth:`~unlearn.methods.base.Method.fixed_values`)."""
+        from ..optim import check_schedule
+
+        f = cfg.formulation
+        check_schedule(f)
+        if cls.has_primal:
+            k = f.grad_accumulation
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"formulation.grad_accumulation must be an integer >= 1 (got {k!r})")
+        if f.thresholds is not None:
+            try:
+                ok = len(f.thresholds) > 0 and all(float(v) == float(v) for v in f.thresholds)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"formulation.thresholds must be null or a list of numbers, one per constraint "
+                                  f"(got {f.thresholds!r})")
 
     @classmethod
     def constraint_count(cls, cfg: DictConfig) -> int | None:
@@ -130,6 +155,18 @@ class Formulation:
         raise NotImplementedError
 
     def thresholds(self, pretrained: torch.Tensor) -> torch.Tensor:
+        """``formulation.thresholds`` where given (one absolute value per constraint), else
+        :meth:`factor_thresholds` (``threshold_factor`` times the pretrained values)."""
+        given = self.cfg.thresholds
+        if given is None:
+            return self.factor_thresholds(pretrained)
+        values = [float(v) for v in given]
+        if len(values) != len(pretrained):
+            raise ConfigError(f"formulation.thresholds needs one value per constraint ({len(pretrained)}: "
+                              f"{self.constraint_names()}; got {len(values)})")
+        return torch.tensor(values, dtype=pretrained.dtype)
+
+    def factor_thresholds(self, pretrained: torch.Tensor) -> torch.Tensor:
         return self.factor * pretrained
 
     def violation(self, values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -179,8 +216,26 @@ class Formulation:
         return None
 
     # -- primal ------------------------------------------------------------------------------
+    def primal_loss(self, multipliers: torch.Tensor) -> PrimalLoss | None:
+        """One micro-batch's loss of the primal step (``None``: no primal, e.g. RU dual-only)."""
+        return None
+
     def primal_step(self, multipliers: torch.Tensor) -> dict:
-        return {}
+        """One optimiser update from ``formulation.grad_accumulation`` micro-batches of
+        :meth:`primal_loss` (their gradients averaged); returns the micro-batches' mean stats."""
+        k = int(self.cfg.grad_accumulation)
+        stats: dict = {}
+        for j in range(k):
+            part = self.primal_loss(multipliers)
+            if part is None:
+                return {}
+            if j == 0:
+                self.opt.zero_grad(set_to_none=True)
+            self._backward(part, k)
+            for key, v in {"loss": part.loss.item(), **part.stats}.items():
+                stats[key] = stats.get(key, 0.0) + float(v) / k
+        self._update()
+        return stats
 
     def finalize(self, multipliers: torch.Tensor) -> dict:
         """After the last dual step (e.g. RU's optional distillation)."""
@@ -283,6 +338,8 @@ class Formulation:
                  "generator": self.gen.get_state()}
         if getattr(self, "opt", None) is not None:
             state["optimizer"] = self.opt.state_dict()
+        if getattr(self, "sched", None) is not None:
+            state["lr_schedule"] = self.sched.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -299,6 +356,8 @@ class Formulation:
                 p.copy_(saved[n])
         if "optimizer" in state and getattr(self, "opt", None) is not None:
             self.opt.load_state_dict(state["optimizer"])
+        if "lr_schedule" in state and getattr(self, "sched", None) is not None:
+            self.sched.load_state_dict(state["lr_schedule"])
         self.gen.set_state(state["generator"])
 
     def trainable_state(self) -> dict:
@@ -308,21 +367,54 @@ class Formulation:
         return {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
 
     def scale_primal_lr(self, factor: float) -> None:
-        """Multiply the primal optimiser's learning rate (e.g. to settle the fit after the dual steps)."""
-        for group in getattr(getattr(self, "opt", None), "param_groups", []):
-            group["lr"] = group["lr"] * float(factor)
+        """Multiply the primal optimiser's learning rate (e.g. to settle the fit after the dual steps);
+        the schedule ends there: the rate stays at ``factor`` times its peak."""
+        groups = getattr(getattr(self, "opt", None), "param_groups", [])
+        sched = getattr(self, "sched", None)
+        peaks = list(sched.base_lrs) if sched is not None else [g["lr"] for g in groups]
+        self.sched = None
+        for group, peak in zip(groups, peaks):
+            group["lr"] = peak * float(factor)
 
     def primal_optimizer(self, params, lr: float, weight_decay: float = 0.0):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        """AdamW with ``formulation.adam_betas`` (its schedule: :meth:`schedule_primal`)."""
+        from ..optim import adamw
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward, optional gradient-norm clipping (``formulation.grad_clip``), step of ``self.opt``."""
+        return adamw(params, self.cfg, lr, weight_decay)
+
+    def schedule_primal(self, total_steps: int | None = None) -> None:
+        """Attach the learning-rate schedule to ``self.opt`` (called once the optimiser exists)."""
+        from ..optim import lr_schedule
+
+        if total_steps is None:
+            total_steps = int(self.cfg.dual_steps) * int(self.cfg.primal_steps_per_dual)
+        self.sched = lr_schedule(self.opt, self.cfg, total_steps)
+
+    def _backward(self, part: PrimalLoss, k: int) -> None:
+        """Accumulate one micro-batch's gradient (``1/k`` of the update); each clipped term's gradient
+        is clipped to its norm on this micro-batch before it is added."""
+        params = [p for p in self.setup.model.trainable_parameters() if p.requires_grad]
+        terms = [(t, float(c)) for t, c in part.clipped if float(c) > 0]
+        rest = part.loss
+        for term, max_norm in terms:
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            scale = min(1.0, max_norm / (float(norm) + 1e-6)) / k
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = g * scale if p.grad is None else p.grad + g * scale
+            rest = rest - term
+        (rest / k).backward()
+
+    def _update(self) -> None:
+        """The optimiser step after the micro-batches: data-parallel averaging, the total gradient's
+        clip (``formulation.grad_clip``), the step and the schedule's step."""
         from ..distributed import get_dist
 
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         get_dist().average_gradients(self.setup.model.trainable_parameters())  # data-parallel ranks
         clip = float(self.cfg.grad_clip)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.setup.model.trainable_parameters(), clip)
         self.opt.step()
+        if getattr(self, "sched", None) is not None:
+            self.sched.step()

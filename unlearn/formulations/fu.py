@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError
 from ..estimators import denoising_loss
-from .base import Formulation, OracleTarget
+from .base import Formulation, OracleTarget, PrimalLoss
 
 
 class ForwardKLUnlearning(Formulation):
@@ -62,11 +62,12 @@ class ForwardKLUnlearning(Formulation):
                 self.retain_pool = self.sampler.sample(self.setup.pretrained, n, self.gen, cond=self.setup.cond).x0
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.weight_decay))
+        self.schedule_primal()
 
     @classmethod
     def check_config(cls, cfg, method=None):
         super().check_config(cfg, method)
-        if float(cfg.formulation.threshold_factor) <= 1.0:
+        if cfg.formulation.thresholds is None and float(cfg.formulation.threshold_factor) <= 1.0:
             raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation=fu (the forget loss must "
                               f"rise above its pretrained value; got {cfg.formulation.threshold_factor})")
         if str(cfg.formulation.retain) not in ("data", "model", "auto"):
@@ -99,7 +100,9 @@ class ForwardKLUnlearning(Formulation):
         idx = torch.randint(0, len(self.retain_pool), (n,), generator=self.gen)
         return self.retain_pool[idx]
 
-    def primal_step(self, multipliers):
+    def primal_loss(self, multipliers):
+        """``E_retain l - sum_i mu_i E_{q_i} l`` on one micro-batch; with ``forget_grad_clip > 0`` the
+        forget term's gradient is clipped to that norm on its own (SISS), before the retain gradient joins it."""
         model, n = self.setup.model, int(self.cfg.primal_batch_size)
         retain = denoising_loss(model, self._retain_batch(n), self.gen, cond=self.setup.cond)
         nf = int(self.cfg.forget_batch_size)
@@ -109,9 +112,8 @@ class ForwardKLUnlearning(Formulation):
         # sample s carries weight mu_{group(s)} / |group(s)|; the minibatch sum is rescaled to be unbiased
         w = self._sample_weights(multipliers)[idx]
         forget_term = (w * per).sum() * (len(self.forget) / len(idx))
-        loss = retain - forget_term
-        self.optimizer_step(loss)
-        return {"loss": loss.item(), "retain_loss": retain.item(), "forget_term": forget_term.item()}
+        return PrimalLoss(retain - forget_term, {"retain_loss": retain.item(), "forget_term": forget_term.item()},
+                          clipped=((-forget_term, float(self.cfg.forget_grad_clip)),))
 
     def _sample_weights(self, multipliers) -> torch.Tensor:
         sizes = torch.bincount(self.index, minlength=len(self.groups)).float()

@@ -17,7 +17,7 @@ from ..config import ConfigError
 from ..estimators import _sqnorm, denoising_loss, log_likelihood_ratio, timestep_proposal, trajectory_kl
 from ..models.base import ComposedScore
 from ..samplers import Trajectory
-from .base import Formulation, OracleTarget
+from .base import Formulation, OracleTarget, PrimalLoss
 from .ru import ReverseKLUnlearning
 
 
@@ -55,6 +55,7 @@ class LikelihoodUnlearning(Formulation):
         self._esd_buffer: list = []  # target distillation: trajectories drawn ahead (esd_refresh_every)
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.weight_decay))
+        self.schedule_primal()
 
     @classmethod
     def check_config(cls, cfg, method=None):
@@ -204,7 +205,7 @@ class LikelihoodUnlearning(Formulation):
         return ComposedScore([self.setup.pretrained, *concepts, reference],
                              torch.cat([torch.ones(1), -eta, eta.sum().view(1)]))
 
-    def primal_step(self, multipliers):
+    def primal_loss(self, multipliers):
         model, n = self.setup.model, int(self.cfg.primal_batch_size)
         cond = self.setup.cond
         if self.distils_target:
@@ -245,9 +246,7 @@ class LikelihoodUnlearning(Formulation):
                 kl = kl + w * ((traj.eps[k] - self.setup.pretrained.eps(x, tt, cond)) ** 2).flatten(1).sum(1)
             loss = penalty + self.kl_weight * kl.mean()
             out = {"penalty": penalty.item(), "kl": kl.mean().item()}
-        self.optimizer_step(loss)
-        out["loss"] = loss.item()
-        return out
+        return PrimalLoss(loss, out)
 
     def _weighted_loss(self, x0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The weighted primal's loss on pool samples ``x0`` with self-normalised weights ``w``.

@@ -303,7 +303,7 @@ class ReverseKLUnlearning(Formulation):
             return self._ratio_kl(torch.zeros(len(self.setup.concepts)))
         return self._kl_to_concepts(self.setup.pretrained)
 
-    def thresholds(self, pretrained):
+    def factor_thresholds(self, pretrained):
         # paper: a shared factor on the average pretrained-to-concept KL
         return torch.full_like(pretrained, self.factor * float(pretrained.mean()))
 
@@ -372,12 +372,15 @@ class ReverseKLUnlearning(Formulation):
         return self.setup.model if self.distilled else self.composed(multipliers)
 
     def finalize(self, multipliers):
+        from ..optim import lr_schedule
+
         steps = int(self.cfg.distill_steps)
         if steps <= 0:
             return {}
         target = self.composed(multipliers)
         model = self.setup.model
         opt = self.primal_optimizer(model.trainable_parameters(), float(self.cfg.primal_lr))
+        sched = lr_schedule(opt, self.cfg, steps)
         n = int(self.cfg.primal_batch_size)
         last = None
         for _ in progress(range(steps), desc="distil RU target", enabled=self.show_progress):
@@ -387,6 +390,8 @@ class ReverseKLUnlearning(Formulation):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             last = loss.item()
         self.distilled = True
         return {"distill_kl": last}
