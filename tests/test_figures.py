@@ -79,3 +79,32 @@ def test_retained_share_tv_ignores_the_unlearned_classes():
     s["metrics"]["class_share"] = moved
     assert retained_share_tv(s) == pytest.approx(0.05 / 0.9)
     assert retained_share_tv({"metrics": {}, "pretrained_metrics": {}}) is None  # no class shares (GMM)
+
+
+@pytest.mark.parametrize("preset, panels", [("fig5", ["kid", "kl_to_pretrained"]),
+                                            ("fig6", ["min_kl_to_concepts", "clip"])])
+def test_paper_sd_presets_draw_both_panels(tmp_path, preset, panels):
+    """fig5: KID and KL to the pretrained model against the expected likelihood; fig6: min KL to the
+    concepts and max CLIP against KL to the pretrained model (runs faked: the weights are absent here)."""
+    import json
+
+    import yaml
+
+    from unlearn import compose
+    from unlearn.figures import LABELS, figure_tradeoff
+
+    cfg = compose([f"experiment={preset}"])
+    x, ys = str(cfg.experiment.x), [str(v) for v in cfg.experiment.y]
+    assert ys == panels and all(k in LABELS for k in [x, *ys])
+    for i, method in enumerate(["constrained", "baseline", "constrained"]):
+        d = tmp_path / "sweep" / f"{method}_{i}"
+        d.mkdir(parents=True)
+        metrics = {k: 0.1 * (i + 1) + j for j, k in enumerate([x, *ys])}
+        (d / "summary.json").write_text(json.dumps({"status": "completed", "method": method, "threshold_factor": 0.5,
+                                                    "multipliers": [1.0], "metrics": metrics, "constraints": []}))
+        (d / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method, "multiplier": 0.5}}))
+    rows = figure_tradeoff(tmp_path / "sweep", tmp_path / "out", preset, "t", x, ys)
+    assert (tmp_path / "out" / f"{preset}.png").exists()
+    with open(tmp_path / "out" / f"{preset}.csv") as fh:
+        header = next(csv.reader(fh))
+    assert panels[1] in header and len(rows) == 3 and rows[2][panels[1]] == pytest.approx(0.3 + 2)
