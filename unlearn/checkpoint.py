@@ -147,6 +147,19 @@ def read_run_info(run_dir: Path) -> dict | None:
 FINISHED = ("completed", "constraints_violated", "unreliable")
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run's files (a lone summary of a sweep job that failed before it
+    started does not count: that job is retried from scratch)."""
+    run_dir = Path(run_dir)
+    present = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if present == ["summary.json"]:
+        try:
+            return json.loads((run_dir / "summary.json").read_text()).get("status") != "failed"
+        except Exception:
+            return True
+    return bool(present)
+
+
 def inspect_run_dir(run_dir: Path, resolved: dict, resume: str, dual_steps: int) -> dict | None:
     """Decide what to do with ``run_dir`` before anything is written to it.
 
@@ -155,15 +168,9 @@ def inspect_run_dir(run_dir: Path, resolved: dict, resume: str, dual_steps: int)
     directory holds a run of another config or format version, or an unreadable checkpoint.
     """
     run_dir = Path(run_dir)
-    present = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if not present:
+    if not holds_run(run_dir):  # fresh, or a sweep job that failed before it started: retry from scratch
         return None
-    if present == ["summary.json"]:  # a sweep job that failed before it started: retry from scratch
-        try:
-            if json.loads((run_dir / "summary.json").read_text()).get("status") == "failed":
-                return None
-        except Exception:
-            pass
+    present = [f for f in RUN_FILES if (run_dir / f).exists()]
     where = f"{run_dir}"
     if resume == "never":
         raise RunDirError(f"{where}: already holds a run ({', '.join(present)}) and train.resume=never; resume it "

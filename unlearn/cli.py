@@ -68,7 +68,7 @@ def main():
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
     def _run(cfg: DictConfig):
-        from .checkpoint import RunDirError
+        from .checkpoint import RunDirError, holds_run
         from .train import train
 
         run_dir = HydraConfig.get().runtime.output_dir
@@ -78,7 +78,8 @@ def main():
         except ConfigError as exc:
             if multirun:  # one bad point must not stop the sweep: record it and go on
                 print(f"error (job {HydraConfig.get().job.num}): {exc}", file=sys.stderr)
-                if not isinstance(exc, RunDirError):  # a foreign run directory is left as it is
+                # raised before anything is written: a directory that holds a run's files is left as it is
+                if not isinstance(exc, RunDirError) and not holds_run(run_dir):
                     write_failed_summary(run_dir, cfg, exc)
                 return None
             print(f"error: {exc}", file=sys.stderr)

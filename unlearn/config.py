@@ -19,6 +19,24 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what is accepted."""
 
 
+def as_number(value, key: str, cast=float, accepted: str = "a number"):
+    """``cast(value)``, or one :class:`ConfigError` line naming ``key`` (a string, a list, null)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be {accepted} (got {value!r})")
+    try:
+        out = cast(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {accepted} (got {value!r})") from None
+    return out
+
+
+def positive(value, key: str, what: str = "a number > 0") -> float:
+    v = as_number(value, key, float, what)
+    if not v > 0:
+        raise ConfigError(f"{key} must be {what} (got {value!r})")
+    return v
+
+
 REQUIRED = {"model": ("name", "family", "sampler"), "formulation": ("name", "_target_", "threshold_factor"),
             "method": ("name",), "train": ("dual_steps", "primal_steps_per_dual", "final_samples")}
 
@@ -35,11 +53,7 @@ def validate_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"{group}.{k} is missing")
 
     def number(key, cast=float):
-        v = OmegaConf.select(cfg, key)
-        try:
-            return cast(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number (got {v!r})") from None
+        return as_number(OmegaConf.select(cfg, key), key, cast)
 
     tf = number("formulation.threshold_factor")
     if not tf > 0:
@@ -56,6 +70,10 @@ def validate_config(cfg: DictConfig) -> None:
     fp = str(cfg.train.final_primal)
     if fp not in ("last", "average"):
         raise ConfigError(f"train.final_primal must be one of ['last', 'average'] (got {fp!r})")
+    if "primal_lr" in cfg.formulation:  # the primal step size (RU: its optional distillation's)
+        positive(cfg.formulation.primal_lr, "formulation.primal_lr", "a learning rate > 0")
+    if "weight_decay" in cfg.formulation and number("formulation.weight_decay") < 0:
+        raise ConfigError(f"formulation.weight_decay must be >= 0 (got {cfg.formulation.weight_decay})")
     keys = ["formulation.primal_batch_size"] + (["formulation.batch_size"] if "batch_size" in cfg.formulation else [])
     for key in keys:  # formulation=fu has no batch_size (its estimates use the whole forget set)
         if number(key, int) < 1:

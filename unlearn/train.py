@@ -36,9 +36,10 @@ def _resolve(target: str, key: str):
         raise ConfigError(f"{key} must name an importable builder (got {target!r})") from None
 
 
-def build(cfg: DictConfig, show_progress: bool = True):
-    """Build the setup, sampler, formulation and multipliers a config describes (the method, which
-    solves the formulation's problem, is ``formulation.method``)."""
+def check_config(cfg: DictConfig):
+    """Every check that needs no model (the config's, the method's, the formulation's, the model
+    family's): one :class:`ConfigError` line each, before any weights are loaded or anything is
+    written. Returns the formulation class and the method."""
     from .methods import build_method
 
     validate_config(cfg)
@@ -47,6 +48,14 @@ def build(cfg: DictConfig, show_progress: bool = True):
     method.check_config(cfg, formulation_cls)  # fail before any pretraining
     formulation_cls.check_config(cfg, method)
     family_class(cfg.model.family).validate(cfg.model)
+    return formulation_cls, method
+
+
+def build(cfg: DictConfig, show_progress: bool = True):
+    """Build the setup, sampler, formulation and multipliers a config describes (the method, which
+    solves the formulation's problem, is ``formulation.method``). Checks that need the built model
+    (e.g. LoRA target modules, prompt lengths) raise :class:`ConfigError` here, before training."""
+    formulation_cls, method = check_config(cfg)
     setup = build_setup(cfg, formulation_cls.needs, show_progress=show_progress)
     sampler = build_sampler(setup.schedule, cfg.model.sampler)
     gen = generator(int(cfg.seed) + 1_000_003 * get_dist().rank)  # data-parallel ranks draw different batches
@@ -144,8 +153,9 @@ class Run:
 def plan_run(cfg: DictConfig, run_dir: str | Path | None = None) -> Plan:
     """Validate the config and decide, before anything is written, whether the run directory starts a
     fresh run, resumes one (its checkpoint) or already holds this finished run. A foreign or corrupt
-    directory raises :class:`~unlearn.checkpoint.RunDirError` and stays as it is."""
-    validate_config(cfg)
+    directory raises :class:`~unlearn.checkpoint.RunDirError` and stays as it is; so does a bad config
+    (:func:`check_config`: the error is about the input, whatever the directory holds)."""
+    check_config(cfg)
     resume_mode, checkpoint_every = _train_options(cfg)
     dist = get_dist()
     run_dir = Path(dist.broadcast_object(str(run_dir if run_dir is not None else cfg.paths.run_dir)))

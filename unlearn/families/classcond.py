@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ConfigError
+from ..config import ConfigError, as_number
 from ..models.diffusers_models import Guidance
 from .base import register_family
-from .diffusers_family import DiffusersFamily, Roles
+from .diffusers_family import DiffusersFamily, Roles, int_list, no_repeats
 
 
 @register_family("classcond")
@@ -25,15 +25,17 @@ class ClassConditional(DiffusersFamily):
     def validate(cls, m) -> None:
         super().validate(m)
         c = m.classes
-        n = int(m.num_classes)
-        unl = list(c.unlearn or []) if c is not None else []
-        if not unl or any(not isinstance(i, int) or not 0 <= i < n for i in unl):
+        n = as_number(m.num_classes, "model.num_classes", int, "an integer >= 1")
+        unl = int_list(c.unlearn if c is not None else None, "model.classes.unlearn", f"class labels in 0..{n - 1}")
+        if not unl or any(not 0 <= i < n for i in unl):
             raise ConfigError(f"model.classes.unlearn must list class labels in 0..{n - 1} (got {unl})")
-        ret = c.retain
-        if ret is not None and any(not isinstance(i, int) or not 0 <= i < n for i in list(ret)):
-            raise ConfigError(f"model.classes.retain must be null (unconditional) or class labels in 0..{n - 1} "
-                              f"(got {list(ret)})")
-        if float(m.guidance_scale) < 1.0:
+        no_repeats(unl, "model.classes.unlearn")
+        if c.retain is not None:
+            what = f"null (unconditional) or class labels in 0..{n - 1}"
+            ret = int_list(c.retain, "model.classes.retain", what)
+            if not ret or any(not 0 <= i < n for i in ret):
+                raise ConfigError(f"model.classes.retain must be {what} (got {ret})")
+        if as_number(m.guidance_scale, "model.guidance_scale", float, "a number >= 1") < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
 
     @classmethod

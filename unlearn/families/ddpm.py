@@ -26,6 +26,9 @@ class PixelDDPM(DiffusersFamily):
     conditioning = "none"
     double = "tiny_ddpm"
 
+    def needs_forget_data(self) -> bool:
+        return True  # its concepts too are fine-tuned on the forget sets
+
     def roles(self, gen: torch.Generator) -> Roles:
         forget_sets = self.forget_sets([], gen)
         concepts = [self.finetuned_concept(x, i) for i, x in enumerate(forget_sets)] \

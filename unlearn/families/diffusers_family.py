@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError
-from ..imageio import image_files, load_images, save_grid
+from ..config import ConfigError, as_number, positive
+from ..imageio import IMAGE_SUFFIXES, has_images, image_files, load_images, open_image, save_grid
 from ..models.diffusers_models import DTYPES, ConditionedView, DiffusersScore, add_lora, schedule_from_scheduler_config
-from ..models.weights import locate_weights
+from ..models.weights import check_layout, locate_weights
 from ..samplers import build_sampler
 from ..setup import UnlearningSetup
 from ..utils import generator
@@ -31,6 +31,55 @@ from .base import Family, family_class
 
 log = logging.getLogger(__name__)
 FINETUNES = ("lora", "full")
+FORGET_GROUPINGS = ("per_image", "together")
+
+
+def int_list(value, key: str, what: str) -> list[int]:
+    """A list of integers (null: empty), else one :class:`ConfigError` line naming ``key``."""
+    if value is None:
+        return []
+    if not OmegaConf.is_list(value):
+        raise ConfigError(f"{key} must be a list of {what} (got {value!r}); write {key}=[{value}]")
+    out = list(value)
+    bad = [v for v in out if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ConfigError(f"{key} must be a list of {what}, integers (got {bad[0]!r} in {out})")
+    return out
+
+
+def no_repeats(values: list, key: str) -> None:
+    """Each entry is one constraint: a repeated one would be two identical constraints."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ConfigError(f"{key} lists {v!r} twice; accepted: each entry once (each is its own constraint)")
+        seen.add(v)
+
+
+def validate_lora(lc) -> None:
+    """``model.lora``: rank and alpha > 0, dropout in [0, 1), target modules a valid regular expression
+    (matched in full against the UNet's module names) or a list of module-name suffixes."""
+    import re
+
+    if as_number(lc.rank, "model.lora.rank", int, "an integer >= 1") < 1:
+        raise ConfigError(f"model.lora.rank must be an integer >= 1 (got {lc.rank})")
+    positive(lc.alpha, "model.lora.alpha")
+    if not 0 <= as_number(lc.dropout, "model.lora.dropout") < 1:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1) (got {lc.dropout})")
+    t = lc.target_modules
+    if OmegaConf.is_list(t):
+        if not len(t) or any(not isinstance(x, str) or not x for x in t):
+            raise ConfigError(f"model.lora.target_modules must be a regex or a non-empty list of module-name "
+                              f"suffixes (strings; got {list(t)})")
+        return
+    if not isinstance(t, str) or not t:
+        raise ConfigError(f"model.lora.target_modules must be a regex over the UNet's module names or a list of "
+                          f"module-name suffixes (got {t!r})")
+    try:
+        re.compile(t)
+    except re.error as exc:
+        raise ConfigError(f"model.lora.target_modules={t!r} is not a valid regular expression ({exc}); accepted: "
+                          rf"a regex matched in full against module names, e.g. '.*attn2\.(to_q|to_k|to_v)$'") from None
 
 
 @dataclass
@@ -66,14 +115,81 @@ class DiffusersFamily(Family):
             raise ConfigError(f"model.precision must be one of {list(DTYPES)} (got {m.precision!r})")
         if str(m.device) not in ("auto", "cpu", "cuda") and not str(m.device).startswith("cuda:"):
             raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N (got {m.device!r})")
-        if int(m.max_batch) < 1:
+        if as_number(m.max_batch, "model.max_batch", int, "an integer >= 1") < 1:
             raise ConfigError(f"model.max_batch must be >= 1 (got {m.max_batch})")
-        for f in list(m.forget_images or []):
-            if not Path(str(f)).is_file():
-                raise ConfigError(f"model.forget_images: {f!r} is not a file")
+        if str(m.finetune) == "lora":
+            validate_lora(m.lora)
+        cls.validate_path(m)
+        cls.validate_forget_data(m)
         rf = m.retain_folder
-        if rf and not Path(str(rf)).is_dir():
-            raise ConfigError(f"model.retain_folder={rf!r} is not a folder")
+        if rf:
+            folder = Path(str(rf)).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(f"model.retain_folder={str(rf)!r} is not a folder; accepted: a folder of images "
+                                  f"({'/'.join(IMAGE_SUFFIXES)}, searched recursively) or null")
+            if not has_images(folder):
+                raise ConfigError(f"model.retain_folder={str(rf)!r} holds no images; accepted: a folder of images "
+                                  f"({'/'.join(IMAGE_SUFFIXES)}, searched recursively) or null")
+
+    @classmethod
+    def validate_path(cls, m) -> None:
+        """``model.path``: an existing folder in the family's diffusers layout (its weights load later)."""
+        if not m.path:
+            return
+        root = Path(str(m.path)).expanduser()
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            raise ConfigError(f"model.path={str(root)!r} {what}; accepted: a folder written by "
+                              f"DiffusionPipeline.save_pretrained (with {', '.join(d + '/' for d in cls.LAYOUT)})")
+        check_layout(root, cls.LAYOUT)
+
+    @classmethod
+    def dataset_size(cls, m) -> int | None:
+        """How many training images the family has of its own (``model.forget_indices`` index them);
+        None: none (a model from the hub brings no data)."""
+        return None
+
+    @classmethod
+    def validate_forget_data(cls, m) -> None:
+        """``model.forget_indices``, ``model.forget_images`` (every file opened and checked),
+        ``model.forget_generated`` and ``model.forget_grouping``."""
+        idx = int_list(m.forget_indices, "model.forget_indices", "indices of training images")
+        if idx:
+            n = cls.dataset_size(m)
+            if n is None:
+                raise ConfigError(f"model.forget_indices needs a model with its own training data (model {m.name} "
+                                  f"has none); accepted: model.forget_images (image files)")
+            bad = [i for i in idx if not 0 <= i < n]
+            if bad:
+                raise ConfigError(f"model.forget_indices must list training images in 0..{n - 1} (got {bad})")
+            no_repeats(idx, "model.forget_indices")
+        files = m.forget_images
+        if files is not None and not OmegaConf.is_list(files):
+            raise ConfigError(f"model.forget_images must be a list of image files (got {files!r}); "
+                              f"write model.forget_images=[{files}]")
+        for i, f in enumerate(files or []):
+            open_image(f, f"model.forget_images[{i}]")
+        no_repeats([str(Path(str(f)).expanduser().resolve()) for f in files or []], "model.forget_images")
+        if as_number(m.forget_generated, "model.forget_generated", int, "an integer >= 0") < 0:
+            raise ConfigError(f"model.forget_generated must be >= 0 (got {m.forget_generated})")
+        if str(m.forget_grouping) not in FORGET_GROUPINGS:
+            raise ConfigError(f"model.forget_grouping must be one of {list(FORGET_GROUPINGS)} "
+                              f"(got {m.forget_grouping!r})")
+
+    def needs_forget_data(self) -> bool:
+        """Whether this run builds forget sets (the formulation needs them; some families always do)."""
+        return "forget_sets" in self.needs
+
+    def forget_data_missing(self) -> str | None:
+        """The error line when forget sets are needed but nothing gives them, else None."""
+        m = self.m
+        if not self.needs_forget_data() or list(m.forget_indices or []) or list(m.forget_images or []) \
+                or int(m.forget_generated) > 0:
+            return None
+        indices = ", model.forget_indices (training images)" if self.dataset_size(m) is not None else ""
+        return (f"model {m.name}: formulation={self.cfg.formulation.name} needs forget data but model.forget_images "
+                f"is empty and model.forget_generated=0; accepted: model.forget_images=[a.png, ...] (image files)"
+                f"{indices} or model.forget_generated > 0 (generated samples: of each concept, or of the pretrained model)")
 
     # -- components -----------------------------------------------------------------------------------
     @classmethod
@@ -106,13 +222,24 @@ class DiffusersFamily(Family):
                 "tiny (random weights built from model.tiny)"
         root = locate_weights(str(m.name), m.hub_id, m.path, cls.LAYOUT, m.revision)
         dtype = DTYPES[str(m.precision)] if str(m.finetune) == "lora" else torch.float32
-        sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        return {**cls.load_components(root, dtype), "scheduler": sched}, str(root)
+        try:
+            sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+            return {**cls.load_components(root, dtype), "scheduler": sched}, str(root)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # missing or corrupt weights, bad configs
+            key = "model.path" if m.path else f"the cached copy of {m.hub_id}"
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{key}={str(root)!r} cannot be loaded ({type(exc).__name__}: {reason}); accepted: a "
+                              f"folder written by DiffusionPipeline.save_pretrained") from None
 
     # -- building -------------------------------------------------------------------------------------
     def __init__(self, cfg: DictConfig, needs: frozenset = frozenset(), show_progress: bool = True):
         super().__init__(cfg, needs, show_progress)
         m = self.m
+        missing = self.forget_data_missing()
+        if missing:  # before any weights are loaded
+            raise ConfigError(missing)
         self.device = _device(m)
         self.dtype = DTYPES[str(m.precision)]
         self.comps, self.source = self.components(m, str(cfg.paths.cache_dir), show_progress)
@@ -132,7 +259,9 @@ class DiffusersFamily(Family):
                     p.data = p.data.float()
             pre_unet = None
         else:
-            unet.to(self.device, torch.float32)
+            unet.to(self.device)  # in fp32 already (built so, or loaded so); diffusers warns on a dtype cast
+            if any(p.dtype != torch.float32 for p in unet.parameters()):
+                unet.to(torch.float32)
             pre_unet = copy.deepcopy(unet).requires_grad_(False).eval()
             unet.requires_grad_(True)
         if bool(m.gradient_checkpointing) and hasattr(unet, "enable_gradient_checkpointing"):
@@ -197,24 +326,18 @@ class DiffusersFamily(Family):
         """Training images (``model.forget_indices``), image files, or samples of each concept view
         (of the pretrained model without concepts), each its own forget set."""
         m = self.m
-        idx = list(m.forget_indices or [])
+        idx = list(m.forget_indices or [])  # checked by validate_forget_data: in range, each once
         if idx:  # specific training images, each its own forget set
-            data = self.dataset()
-            if data is None:
-                raise ConfigError(f"model.forget_indices needs a model with its own training data (model {m.name} "
-                                  f"has none); accepted: model.forget_images (image files)")
-            x = data[idx]
+            x = self.dataset()[idx]
             return [x[i:i + 1] for i in range(len(x))]
         files = list(m.forget_images or [])
         if files:
-            x = self.from_images(load_images(files, self.image_size))
+            x = self.from_images(load_images(files, self.image_size, "model.forget_images"))
             per = str(m.forget_grouping)
             return [x[i:i + 1] for i in range(len(x))] if per == "per_image" else [x]
         n = int(m.forget_generated)
         if n <= 0:
-            raise ConfigError(f"model {m.name}: formulation={self.cfg.formulation.name} needs "
-                              f"model.forget_images (image files) or model.forget_generated > 0 (samples of the "
-                              f"concepts)")
+            raise ConfigError(self.forget_data_missing() or f"model.forget_generated must be > 0 (got {n})")
         if concept_views:  # samples of each concept
             return [self.sampler.sample(v, n, gen).x0.detach().cpu() for v in concept_views]
         pre = self.view(None, trained=False, name="pretrained")
@@ -237,11 +360,8 @@ class DiffusersFamily(Family):
         if data is not None:
             retain_x = data[self.not_forgotten(len(data))]  # the retain data never contain the forget images
         folder = m.retain_folder
-        if folder:
-            files = image_files(folder)
-            if not files:
-                raise ConfigError(f"model.retain_folder={folder!r} holds no images (.png/.jpg/.jpeg/.webp/.bmp)")
-            retain_x = self.from_images(load_images(files, self.image_size))
+        if folder:  # checked by validate: a folder holding images
+            retain_x = self.from_images(load_images(image_files(folder), self.image_size, "model.retain_folder"))
         if retain_x is None:
             return None
         return lambda n, g: retain_x[torch.randint(0, len(retain_x), (n,), generator=g)]

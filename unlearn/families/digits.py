@@ -22,6 +22,12 @@ class Digits(ClassConditional):
         unet, sched, hit = pretrain_digits(m, cache_dir or "outputs/cache", show_progress)
         return {"unet": unet, "scheduler": sched}, "digits UNet pretrained locally (" + ("cached" if hit else "new") + ")"
 
+    @classmethod
+    def dataset_size(cls, m) -> int:
+        from ..models.digits import SPLITS
+
+        return int(SPLITS["diffusion"])
+
     def dataset(self) -> torch.Tensor:
         from ..models.digits import load_digits_splits
 

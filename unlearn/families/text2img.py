@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ConfigError
+from ..config import ConfigError, as_number
 from ..models.diffusers_models import Guidance
 from .base import register_family
-from .diffusers_family import DiffusersFamily, Roles
+from .diffusers_family import DiffusersFamily, Roles, no_repeats
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PROMPT_LISTS = {"retain": "what the model generates and must keep", "unlearn": "one concept q_i per prompt"}
 
 
 @register_family("text2img")
@@ -32,10 +33,40 @@ class TextToImage(DiffusersFamily):
     def validate(cls, m) -> None:
         super().validate(m)
         p = m.prompts
-        if p is None or not list(p.retain or []) or not list(p.unlearn or []):
-            raise ConfigError("model.prompts.retain and model.prompts.unlearn must each list at least one prompt")
-        if float(m.guidance_scale) < 1.0:
+        if not OmegaConf.is_dict(p) or "retain" not in p or "unlearn" not in p:
+            raise ConfigError("model.prompts must set retain (what the model generates) and unlearn (one concept "
+                              "per prompt), each a list of prompts")
+        for key, what in PROMPT_LISTS.items():
+            v = p[key]
+            if not OmegaConf.is_list(v):
+                raise ConfigError(f"model.prompts.{key} must be a list of prompts (got {v!r}); write "
+                                  f"model.prompts.{key}=['...']")
+            if not len(v):
+                raise ConfigError(f"model.prompts.{key} is empty; accepted: a list of at least one prompt ({what})")
+            for i, s in enumerate(v):
+                if not isinstance(s, str):
+                    raise ConfigError(f"model.prompts.{key}[{i}] must be a string (got {s!r}; a nested list or a "
+                                      f"number is not a prompt); accepted: a list of prompts ({what})")
+        for i, s in enumerate(p.unlearn):
+            if not s.strip():
+                raise ConfigError(f"model.prompts.unlearn[{i}] is empty; accepted: a concept's prompt (the empty "
+                                  f"prompt is the unconditional model every likelihood is compared with)")
+        no_repeats(list(p.unlearn), "model.prompts.unlearn")
+        if as_number(m.guidance_scale, "model.guidance_scale", float, "a number >= 1") < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
+
+    def check_prompt_lengths(self, prompts: dict) -> None:
+        """Every prompt fits the text encoder (its tokenizer's ``model_max_length``, 77 for CLIP):
+        a longer one is an error, not a silent truncation that would change the concept."""
+        tok = self.comps["tokenizer"]
+        limit = int(tok.model_max_length)
+        for key in PROMPT_LISTS:
+            for i, s in enumerate(prompts[key]):
+                n = len(tok(s, truncation=False, verbose=False).input_ids)  # with the start and end tokens
+                if n > limit:
+                    raise ConfigError(f"model.prompts.{key}[{i}] is {n} tokens long ({s[:40]!r}...); accepted: at "
+                                      f"most {limit} tokens with the start and end tokens (the text encoder's "
+                                      f"context); shorten it, it is not truncated")
 
     @classmethod
     def concept_count(cls, m) -> int:
@@ -79,6 +110,7 @@ class TextToImage(DiffusersFamily):
 
     def roles(self, gen: torch.Generator) -> Roles:
         P = OmegaConf.to_container(self.m.prompts, resolve=True)
+        self.check_prompt_lengths(P)
         e_ret, e_null = self.encode_prompts(P["retain"]), self.encode_prompts([""])
         e_unl = [self.encode_prompts([p]) for p in P["unlearn"]]
         g = float(self.m.guidance_scale)

@@ -68,8 +68,9 @@ class ForwardKLUnlearning(Formulation):
     def check_config(cls, cfg, method=None):
         super().check_config(cfg, method)
         if cfg.formulation.thresholds is None and float(cfg.formulation.threshold_factor) <= 1.0:
-            raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation=fu (the forget loss must "
-                              f"rise above its pretrained value; got {cfg.formulation.threshold_factor})")
+            raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation={cls.name} (the forget loss "
+                              f"must rise above its pretrained value: a factor <= 1 is met by the pretrained model "
+                              f"itself; got {cfg.formulation.threshold_factor})")
         if str(cfg.formulation.retain) not in ("data", "model", "auto"):
             raise ConfigError(f"formulation.retain must be one of ['data', 'model', 'auto'] "
                               f"(got {cfg.formulation.retain!r})")

@@ -61,6 +61,10 @@ class LikelihoodUnlearning(Formulation):
     def check_config(cls, cfg, method=None):
         super().check_config(cfg, method)
         f = cfg.formulation
+        if f.thresholds is None and float(f.threshold_factor) >= 1.0:
+            raise ConfigError(f"formulation.threshold_factor must be < 1 for formulation={cls.name} (the constraint "
+                              f"is E_p[l_i] <= factor x its pretrained value: a factor >= 1 is met by the pretrained "
+                              f"model itself and nothing is unlearned; got {f.threshold_factor})")
         cls._check_choices(f)
         reuse = int(f.esd_refresh_every)
         distils = bool(getattr(method, "target_distillation", False))

@@ -96,6 +96,11 @@ class ReverseKLUnlearning(Formulation):
     @classmethod
     def check_config(cls, cfg, method=None):
         super().check_config(cfg, method)
+        if cfg.formulation.thresholds is None and float(cfg.formulation.threshold_factor) <= 1.0:
+            raise ConfigError(f"formulation.threshold_factor must be > 1 for formulation={cls.name} (the constraint "
+                              f"is KL(p || q_i) >= factor x the mean pretrained KL: the separation from the concepts "
+                              f"must grow, a factor <= 1 is met on average by the pretrained model itself; "
+                              f"got {cfg.formulation.threshold_factor})")
         est, fin = str(cfg.formulation.kl_estimator), str(cfg.formulation.final_samples)
         if est not in cls.ESTIMATORS:
             raise ConfigError(f"formulation.kl_estimator must be one of {list(cls.ESTIMATORS)} (got {est!r})")

@@ -1,8 +1,9 @@
 """Dual ascent on the multipliers: the paper's constrained method (:class:`unlearn.dual.DualAscent`)."""
 from __future__ import annotations
 
+from omegaconf import OmegaConf
 
-from ..config import ConfigError
+from ..config import ConfigError, as_number
 from ..dual import DualAscent
 from .base import Method
 
@@ -15,12 +16,11 @@ class DualAscentMethod(Method):
     learnable = True
 
     def check_config(self, cfg, formulation_cls) -> None:
-        try:
-            lr = float(cfg.method.dual_lr)
-        except (TypeError, ValueError):
-            raise ConfigError(f"method.dual_lr must be a number (got {cfg.method.dual_lr!r})") from None
+        # method.dual_lr is ${formulation.dual_lr} unless set: the message names the key to change
+        via = "; set by formulation.dual_lr" if OmegaConf.is_interpolation(cfg.method, "dual_lr") else ""
+        lr = as_number(cfg.method.dual_lr, "method.dual_lr", float, f"a number (the dual learning rate{via})")
         if not lr > 0:
-            raise ConfigError(f"method.dual_lr must be > 0 (got {cfg.method.dual_lr})")
+            raise ConfigError(f"method.dual_lr must be > 0 (the dual learning rate{via}; got {cfg.method.dual_lr})")
 
     def build_multipliers(self, formulation) -> DualAscent:
         c = self.cfg

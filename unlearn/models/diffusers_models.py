@@ -77,10 +77,39 @@ def adapters_disabled(module: nn.Module):
             m.enable_adapters(True)
 
 
+LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)  # what peft's LoRA adapts here
+
+
+def lora_targets(unet: nn.Module, target_modules) -> list[str]:
+    """The names of the layers LoRA adapts for ``target_modules``, as peft matches them: a regex
+    matched in full against each module name, or a list of module-name suffixes."""
+    import re
+
+    names = [n for n, mod in unet.named_modules() if isinstance(mod, LORA_LAYER_TYPES)]
+    if isinstance(target_modules, str):
+        return [n for n in names if re.fullmatch(target_modules, n)]
+    keys = [str(k) for k in target_modules]
+    return [n for n in names if any(n == k or n.endswith("." + k) for k in keys)]
+
+
+def no_lora_target_message(unet: nn.Module, target_modules) -> str:
+    """The one line for ``model.lora.target_modules`` matching nothing, with names that exist."""
+    names = [n for n, mod in unet.named_modules() if isinstance(mod, LORA_LAYER_TYPES)]
+    leaf = [n.rsplit(".", 1)[-1] for n in names]
+    picks = [n for n, e in zip(names, leaf) if e in ("to_q", "to_v")][:2] + \
+        [n for n, e in zip(names, leaf) if e.startswith("conv")][:1]
+    return (f"model.lora.target_modules={target_modules!r} matches no layer of the UNet that LoRA can adapt "
+            f"(Linear, Conv, Embedding); accepted: a regex matched in full against module names, or a list of "
+            f"name suffixes; e.g. {', '.join(picks or names[:3])} (of {len(names)} such layers)")
+
+
 def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules, dropout: float = 0.0, seed: int = 0):
-    """Freeze ``unet`` and add LoRA adapters (B = 0, so the model starts at the pretrained one)."""
+    """Freeze ``unet`` and add LoRA adapters (B = 0, so the model starts at the pretrained one).
+    ``target_modules`` matching no adaptable layer is a :class:`ConfigError`, raised before any change."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    if not lora_targets(unet, target_modules):
+        raise ConfigError(no_lora_target_message(unet, target_modules))
     unet.requires_grad_(False)
     _LORA_LAYERS.pop(unet, None)
     cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),

@@ -12,6 +12,7 @@ from ..config import ConfigError
 
 ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
          "*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -30,6 +31,12 @@ def check_layout(root: Path, layout: tuple[str, ...], key: str = "model.path") -
         raise ConfigError(f"{key}={str(root)!r} is not a diffusers folder of this model: missing "
                           f"{', '.join(d + '/' for d in missing)} (expected {', '.join(d + '/' for d in layout)}"
                           f" as written by DiffusionPipeline.save_pretrained)")
+    # a model's sub-folder (its config.json) holds its weights; tokenizer/ and scheduler/ hold none
+    empty = [d for d in layout if (root / d / "config.json").exists()
+             and not any(p.suffix in WEIGHT_SUFFIXES for p in (root / d).iterdir())]
+    if empty:
+        raise ConfigError(f"{key}={str(root)!r} holds no weights in {', '.join(d + '/' for d in empty)} (expected "
+                          f"*.safetensors or *.bin files as written by DiffusionPipeline.save_pretrained)")
 
 
 def locate_weights(name: str, hub_id: str | None, path: str | None, layout: tuple[str, ...], revision: str | None = None) -> Path:
@@ -37,8 +44,9 @@ def locate_weights(name: str, hub_id: str | None, path: str | None, layout: tupl
     if path:
         root = Path(str(path)).expanduser()
         if not root.is_dir():
-            raise MissingWeightsError(f"model.path={str(root)!r} does not exist; point it at a folder written by "
-                                      f"DiffusionPipeline.save_pretrained (or `hf download {hub_id}`)")
+            hub = f" (or `hf download {hub_id}`)" if hub_id else ""
+            raise MissingWeightsError(f"model.path={str(root)!r} {'is a file' if root.exists() else 'does not exist'}; "
+                                      f"point it at a folder written by DiffusionPipeline.save_pretrained{hub}")
         check_layout(root, layout)
         return root
     if not hub_id:
