@@ -130,7 +130,7 @@ def test_real_retain_digits_need_a_model_with_data(tmp_path):
     from unlearn.config import ConfigError
     from unlearn.train import train
 
-    with pytest.raises(ConfigError, match=r"metrics.retain.source=data needs a model with its own data"):
+    with pytest.raises(ConfigError, match=r"metrics.retain.source=data needs real retain images"):
         train(compose_cfg(["model=tiny_ddpm", "formulation=fu", "num_threads=1", "metrics.retain.source=data"]),
               tmp_path)
     with pytest.raises(ConfigError, match=r"metrics.retain.source must be samples or data"):

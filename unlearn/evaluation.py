@@ -30,8 +30,9 @@ class ImageEvaluator:
         self.retain_info: dict = {}
         self.source = str(self.m.retain.source)  # its values are checked with the metrics config
         if self.source == "data" and setup.reference_images is None:
-            raise ConfigError(f"metrics.retain.source=data needs a model with its own data (model=digits); "
-                              f"model {cfg.model.name} accepts metrics.retain.source=samples")
+            raise ConfigError(f"metrics.retain.source=data needs real retain images: a model with its own data "
+                              f"(model=digits) or model.retain_folder; model {cfg.model.name} has neither and "
+                              f"accepts metrics.retain.source=samples")
 
     @property
     def active(self) -> bool:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, as_number, positive
-from ..imageio import IMAGE_SUFFIXES, has_images, image_files, load_images, open_image, save_grid
+from ..imageio import IMAGE_SUFFIXES, has_images, load_images, open_image, save_grid
 from ..models.diffusers_models import DTYPES, ConditionedView, DiffusersScore, add_lora, schedule_from_scheduler_config
 from ..models.weights import check_layout, locate_weights
 from ..samplers import build_sampler
@@ -308,8 +308,10 @@ class DiffusersFamily(Family):
                 "trainable_parameters": sum(p.numel() for p in self.base.parameters() if p.requires_grad)}
         r = self.roles(gen)
         info.update(r.info)
+        if self.retain_folder is not None:
+            info["retain_folder"] = self.retain_folder.info()
         return UnlearningSetup(
-            reference_images=r.reference_images, name=str(m.name), pretrained=r.pretrained, model=r.model,
+            reference_images=r.reference_images or self.folder_reference(), name=str(m.name), pretrained=r.pretrained, model=r.model,
             concepts=r.concepts, concept_names=r.names, forget_sets=r.forget_sets,
             retain_sampler=self.retain_sampler(), oracle=None, plot=self._plotter(r), save_samples=self.save_samples,
             info=info, likelihood_concepts=r.likelihood_concepts, likelihood_reference=r.likelihood_reference,
@@ -359,12 +361,33 @@ class DiffusersFamily(Family):
         data = self.dataset()
         if data is not None:
             retain_x = data[self.not_forgotten(len(data))]  # the retain data never contain the forget images
-        folder = m.retain_folder
-        if folder:  # checked by validate: a folder holding images
-            retain_x = self.from_images(load_images(image_files(folder), self.image_size, "model.retain_folder"))
+        if self.retain_folder is not None:  # streamed from disk, the forget images left out
+            return self.retain_folder
         if retain_x is None:
             return None
         return lambda n, g: retain_x[torch.randint(0, len(retain_x), (n,), generator=g)]
+
+    @property
+    def retain_folder(self):
+        """``model.retain_folder`` as a :class:`~unlearn.retain.RetainFolder` (None without one)."""
+        if "_retain_folder" not in self.__dict__:
+            from ..retain import RetainFolder
+
+            folder = self.m.retain_folder  # checked by validate: a folder holding images
+            self._retain_folder = (RetainFolder(folder, self.image_size, self.from_images, list(self.m.forget_images))
+                                   if folder else None)
+            if self._retain_folder is not None and not len(self._retain_folder):
+                raise ConfigError(f"model.retain_folder={str(folder)!r} holds only forget images "
+                                  f"({len(self._retain_folder.excluded)}); accepted: a folder with other images too")
+        return self._retain_folder
+
+    def folder_reference(self):
+        """KID's real-data reference from the retain folder (``metrics.retain.source=data``), or None."""
+        folder = self.retain_folder
+        if folder is None:
+            return None
+        mc = self.cfg.metrics
+        return lambda: folder.reference(int(mc.retain.num_candidates), int(mc.seed) + 17)
 
     # -- the family's own evaluation (families with a classifier, e.g. the digits testbed) -------------
     def metric_models(self) -> dict:
