@@ -212,3 +212,24 @@ def test_strict_metrics_fail_before_training(tmp_path):
         _run(["model=tiny_sd", "formulation=lu", "metrics.strict=true"], tmp_path)
     assert "kid" in str(exc.value) and "\n" not in str(exc.value)
     assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip()
+
+
+@pytest.mark.parametrize("model", ["tiny_classcond", "tiny_sd"])
+def test_one_definition_of_each_concept_model_per_run(model):
+    """``formulation.concept_guidance`` defines q_i once per run: LU's default is the plain conditional
+    model (Lemma 2), RU's the sampling guidance; the metrics and the constraints share ``setup.concepts``."""
+    import unlearn
+    from unlearn.models.diffusers_models import Guidance
+
+    scales = {}
+    for form, extra in [("lu", []), ("ru", []), ("ru", ["formulation.concept_guidance=3"])]:
+        cfg = compose_cfg([f"model={model}", f"formulation={form}", *extra])
+        setup, _, f, *_ = unlearn.build(cfg)
+        assert not hasattr(setup, "likelihood_concepts")
+        conds = [c.cond for c in setup.concepts]
+        scales[(form, *extra)] = [c.scale if isinstance(c, Guidance) else 1.0 for c in conds]
+        if form == "lu":
+            assert f._ratio_models()[0] == list(setup.concepts)  # the constraint's q_i are the setup's
+    g = float(compose_cfg([f"model={model}"]).model.guidance_scale)
+    assert set(scales[("lu",)]) == {1.0} and set(scales[("ru",)]) == {g}
+    assert set(scales[("ru", "formulation.concept_guidance=3")]) == {3.0}

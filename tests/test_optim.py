@@ -138,6 +138,7 @@ def test_absolute_thresholds_one_per_constraint():
     ("formulation.grad_accumulation=0", "formulation.grad_accumulation must be an integer >= 1"),
     ("formulation.adam_betas=[0.9]", "formulation.adam_betas must be two numbers"),
     ("formulation.thresholds=[a]", "formulation.thresholds must be null or a list of numbers"),
+    ("formulation.concept_guidance=0.5", "formulation.concept_guidance must be 'sampling'"),
 ])
 def test_optimiser_keys_are_checked_before_any_model(override, match):
     from unlearn.formulations.base import formulation_class

@@ -63,7 +63,7 @@ class ImageEvaluator:
             else:
                 from .metrics import concept_likelihood
 
-                concepts = list(s.likelihood_concepts or s.concepts)
+                concepts = list(s.concepts)
                 ref = s.likelihood_reference or s.pretrained
                 if concepts:
                     llr = concept_likelihood(x0, concepts, ref, seed, None, None,
@@ -92,7 +92,7 @@ class ImageEvaluator:
             images=images, reference_images=self.retain_images(), reference_name="retain set", step=step,
             forget_images=s.to_images(forget_x0) if forget_x0 is not None else None, forget_x0=forget_x0,
             prompts=s.prompts, model=model, pretrained=s.pretrained,
-            sampler=self.sampler, concepts=list(s.likelihood_concepts or s.concepts), concept_names=list(s.concept_names),
+            sampler=self.sampler, concepts=list(s.concepts), concept_names=list(s.concept_names),
             likelihood_reference=s.likelihood_reference, encode=s.from_images, decode=s.to_images)
 
     def evaluate(self, model, step: int, tag: str, samples: torch.Tensor | None = None) -> tuple[dict, dict]:

@@ -36,9 +36,8 @@ class UnlearningSetup:
     plot: Callable[..., None] | None = None
     save_samples: Callable[..., None] | None = None
     info: dict = field(default_factory=dict)
-    # LU's likelihood ratio l_i = q_i / p: by default the concepts over the pretrained model; text
-    # models use the plain conditional model of each unlearn prompt over the unconditional model
-    likelihood_concepts: list[ScoreModel] | None = None
+    # LU's likelihood ratio l_i = q_i / p: the concepts over this reference (guided families: the
+    # unconditional model), by default over the pretrained model
     likelihood_reference: ScoreModel | None = None
     save_model: Callable[..., list[str]] | None = None  # write the trained weights in the family's own format;
     # returns the files / folders written, relative to the run directory

@@ -49,7 +49,8 @@ class ClassConditional(DiffusersFamily):
         unl = [int(i) for i in C.unlearn]
         g = float(m.guidance_scale)
         labels = [f"{m.class_prefix}{i}" for i in unl]
-        concepts = [self.view(Guidance(torch.tensor([i]), null, g), trained=False, name=n) for i, n in zip(unl, labels)]
+        concepts = [self.view(self.concept_condition(torch.tensor([i]), null), trained=False, name=n)
+                    for i, n in zip(unl, labels)]
         data_unlearning = "forget_sets" in self.needs and bool(m.forget_indices)
         return Roles(
             model=self.view(Guidance(ret, null, g), trained=True, name="model"),
@@ -58,7 +59,6 @@ class ClassConditional(DiffusersFamily):
             names=[f"train image {i}" for i in m.forget_indices] if data_unlearning else labels,
             concepts=concepts,
             forget_sets=self.forget_sets(concepts, gen) if "forget_sets" in self.needs else [],
-            likelihood_concepts=[self.view(torch.tensor([i]), trained=False, name=n) for i, n in zip(unl, labels)],
             likelihood_reference=self.view(null, trained=False, name="unconditional"),
             rows=[(n, Guidance(torch.tensor([i]), null, g)) for i, n in zip(unl, labels)],
             retain_label="unconditional" if C.retain is None else f"classes {list(C.retain)}",

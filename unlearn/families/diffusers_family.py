@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, as_number, positive
 from ..imageio import IMAGE_SUFFIXES, has_images, load_images, open_image, save_grid
-from ..models.diffusers_models import DTYPES, ConditionedView, DiffusersScore, add_lora, schedule_from_scheduler_config
+from ..models.diffusers_models import (DTYPES, ConditionedView, DiffusersScore, Guidance, add_lora,
+                                       schedule_from_scheduler_config)
 from ..models.weights import check_layout, locate_weights
 from ..samplers import build_sampler
 from ..setup import UnlearningSetup
@@ -91,7 +92,6 @@ class Roles:
     names: list[str]
     concepts: list = field(default_factory=list)
     forget_sets: list = field(default_factory=list)
-    likelihood_concepts: list | None = None
     likelihood_reference: Any = None
     rows: list = field(default_factory=list)      # (name, condition): each concept before / after in the picture
     retain_label: str | None = None               # what the model generates, as shown in the picture
@@ -291,6 +291,14 @@ class DiffusersFamily(Family):
         module.to(self.device)
         return module.to(self.dtype) if self.dtype != torch.float32 else module
 
+    def concept_condition(self, cond, null):
+        """The condition of a concept model ``q_i``: ``formulation.concept_guidance`` is ``sampling`` (the
+        sampling roles' ``model.guidance_scale``) or a scale; 1 is the plain conditional model. Every use
+        of ``q_i`` in a run (constraints, importance weights, metrics, forget samples) takes this one."""
+        v = self.cfg.formulation.concept_guidance
+        scale = float(self.m.guidance_scale) if str(v) == "sampling" else float(v)
+        return cond if scale == 1.0 else Guidance(cond, null, scale)
+
     def view(self, cond, trained: bool, name: str):
         """The shared UNet under one condition: the trainable model (adapters on) or the pretrained one."""
         base = self.base if trained else self.pre_base
@@ -314,7 +322,7 @@ class DiffusersFamily(Family):
             reference_images=r.reference_images or self.folder_reference(), name=str(m.name), pretrained=r.pretrained, model=r.model,
             concepts=r.concepts, concept_names=r.names, forget_sets=r.forget_sets,
             retain_sampler=self.retain_sampler(), oracle=None, plot=self._plotter(r), save_samples=self.save_samples,
-            info=info, likelihood_concepts=r.likelihood_concepts, likelihood_reference=r.likelihood_reference,
+            info=info, likelihood_reference=r.likelihood_reference,
             save_model=lambda run_dir: self.save_unlearned(Path(run_dir)), to_images=self.to_images,
             from_images=self.from_images, prompts=r.prompts, metric_models=self.metric_models(),
             evaluate=self.family_metrics)

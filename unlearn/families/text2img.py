@@ -3,8 +3,9 @@
 
 Prompts come from ``model.prompts`` (``retain``: what the model generates and must stay close to;
 ``unlearn``: one concept ``q_i`` per prompt), encoded once. Sampling roles use classifier-free
-guidance (``model.guidance_scale``); LU's likelihood ratio compares the plain conditional model of
-each unlearn prompt with the unconditional model (formulas.md, LU). The trained LoRA is written
+guidance (``model.guidance_scale``). A concept ``q_i`` is its prompt's model at
+``formulation.concept_guidance`` (RU, FU: the sampling guidance; LU: 1, the plain conditional model,
+whose ratio to the unconditional model is Lemma 2's likelihood), the same in every use of a run. The trained LoRA is written
 in diffusers' format: ``pipeline.load_lora_weights(run_dir)``.
 """
 from __future__ import annotations
@@ -114,13 +115,13 @@ class TextToImage(DiffusersFamily):
         e_ret, e_null = self.encode_prompts(P["retain"]), self.encode_prompts([""])
         e_unl = [self.encode_prompts([p]) for p in P["unlearn"]]
         g = float(self.m.guidance_scale)
-        concepts = [self.view(Guidance(e, e_null, g), trained=False, name=p) for e, p in zip(e_unl, P["unlearn"])]
+        concepts = [self.view(self.concept_condition(e, e_null), trained=False, name=p)
+                    for e, p in zip(e_unl, P["unlearn"])]
         return Roles(
             model=self.view(Guidance(e_ret, e_null, g), trained=True, name="model"),
             pretrained=self.view(Guidance(e_ret, e_null, g), trained=False, name="pretrained"),
             names=list(P["unlearn"]), concepts=concepts,
             forget_sets=self.forget_sets(concepts, gen) if "forget_sets" in self.needs else [],
-            likelihood_concepts=[self.view(e, trained=False, name=p) for e, p in zip(e_unl, P["unlearn"])],
             likelihood_reference=self.view(e_null, trained=False, name="unconditional"),
             rows=[(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])], retain_label=P["retain"][0],
             prompts=list(P["unlearn"]), info={"prompts": P, "guidance_scale": g})

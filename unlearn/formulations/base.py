@@ -115,6 +115,10 @@ class Formulation:
             k = f.grad_accumulation
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ConfigError(f"formulation.grad_accumulation must be an integer >= 1 (got {k!r})")
+        cg = f.concept_guidance
+        if str(cg) != "sampling" and (isinstance(cg, bool) or not isinstance(cg, (int, float)) or not cg >= 1):
+            raise ConfigError(f"formulation.concept_guidance must be 'sampling' (the sampling roles' "
+                              f"model.guidance_scale) or a number >= 1 (1: the plain conditional model; got {cg!r})")
         if f.thresholds is not None:
             try:
                 ok = len(f.thresholds) > 0 and all(float(v) == float(v) for v in f.thresholds)

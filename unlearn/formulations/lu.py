@@ -118,9 +118,9 @@ class LikelihoodUnlearning(Formulation):
         return torch.exp(llr).clamp(max=float(clip)) if clip else torch.exp(llr)
 
     def _ratio_models(self):
-        """The models of ``l_i = q_i / p``: the concepts (or the family's likelihood concepts), the
-        reference (default the pretrained model) and the concepts' conditioning (None: none)."""
-        concepts = list(self.setup.likelihood_concepts or self.setup.concepts)
+        """The models of ``l_i = q_i / p``: the concepts, the reference (the family's unconditional model,
+        default the pretrained model) and the concepts' conditioning (None: none)."""
+        concepts = list(self.setup.concepts)
         reference = self.setup.likelihood_reference or self.setup.pretrained
         return concepts, reference, (list(self.setup.concept_conds) if self.setup.concept_conds else None)
 
@@ -202,7 +202,7 @@ class LikelihoodUnlearning(Formulation):
         """ESD: ``eps_pre - sum_i eta_i (eps_qi - eps_ref)`` with the likelihood's models ``q_i`` and
         reference (GMM: ``(1 + eta) eps_pre - eta eps_q``; text: ESD's ``eps(c_from) - eta (eps(c) - eps(none))``)."""
         eta = torch.as_tensor(multipliers, dtype=torch.float32)
-        concepts = list(self.setup.likelihood_concepts or self.setup.concepts)
+        concepts = list(self.setup.concepts)
         reference = self.setup.likelihood_reference
         if reference is None:
             return ComposedScore([self.setup.pretrained, *concepts], torch.cat([(1 + eta.sum()).view(1), -eta]))
