@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test test-slow train figures clean-cache
+.PHONY: install test test-slow train figures bench clean-cache
 
 install:  ## torch + torchvision first (pinned pair that imports together), then the package
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
@@ -22,3 +22,6 @@ clean-cache:
 
 figures:  ## run the GMM sweeps and draw every figure the CPU can make (outputs/figures/)
 	$(PYTHON) scripts/make_figures.py
+
+bench:  ## speed and memory per step beside bare diffusers loops (outputs/bench/bench.json; docs/bench.md)
+	$(PYTHON) -m unlearn.bench --size cpu
