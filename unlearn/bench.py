@@ -35,8 +35,8 @@ CASES = {
     "lu_constrained": (["formulation=lu", "method=constrained", "formulation.gradient=policy"], "dpok", 0.5),
     "lu_esd": (["formulation=lu", "method=esd", "method.multiplier=1.0"], "esd", 1.0),
     "ru_dual": (["formulation=ru", "method=constrained"], None, 0.1),
-    "fu_constrained": (["formulation=fu", "method=constrained"], "fu", 0.1),
-    "fu_fixed": (["formulation=fu", "method=fixed", "method.multiplier=0.1"], "fu", 0.1),
+    "fu_constrained": (["formulation=fu", "method=constrained"], "denoise", 0.1),
+    "fu_fixed": (["formulation=fu", "method=fixed", "method.multiplier=0.1"], "denoise", 0.1),
 }
 MAX_BATCH = {"tiny": 256, "cpu": 64, "sd14": 16}  # UNet rows per call (the bare loops make one call per role)
 SCALING = {"lu": "lu_constrained", "ru": "ru_dual"}  # how cost grows with the number of concepts
@@ -49,18 +49,28 @@ def _json(name: str) -> dict:
     return {k: v for k, v in json.loads((ASSETS / f"{name}.json").read_text()).items() if not k.startswith("_")}
 
 
+# size -> changes to SD v1.4's UNet, VAE and text encoder ("cpu": a tenth of the width, 16x16 latents,
+# a 4-layer text encoder; "sd14": none)
+REDUCED = {
+    "cpu": ({"block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 128, "sample_size": 16},
+            {"block_out_channels": [32, 64, 128, 128], "sample_size": 128},
+            {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 4,
+             "projection_dim": 128}),
+    "sd14": ({}, {}, {}),
+}
+CHECKPOINTING = {"tiny": False, "cpu": False, "sd14": True}  # gradient checkpointing where it pays (full size)
+
+
 def architecture(size: str) -> dict:
     """``model.tiny`` for a size: the components' constructor arguments (random weights)."""
     if size == "tiny":
         return OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "tiny_sd.yaml").tiny, resolve=True)
     unet, vae, te, sched = _json("unet"), _json("vae"), _json("text_encoder"), _json("scheduler")
     te.update(vocab_size=578, bos_token_id=576, eos_token_id=577, pad_token_id=577)  # the offline tokenizer's ids
-    if size == "cpu":  # SD v1.4's blocks at a tenth of the width, 16x16 latents, a 4-layer text encoder
-        unet.update(block_out_channels=[32, 64, 128, 128], cross_attention_dim=128, sample_size=16)
-        vae.update(block_out_channels=[32, 64, 128, 128], sample_size=128)
-        te.update(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=4, projection_dim=128)
-    elif size != "sd14":
-        raise SystemExit(f"error: --size must be one of ['tiny', 'cpu', 'sd14'] (got {size!r})")
+    if size not in REDUCED:
+        raise SystemExit(f"error: --size must be one of ['tiny', *{list(REDUCED)}] (got {size!r})")
+    for part, changes in zip((unet, vae, te), REDUCED[size]):
+        part.update(changes)
     sched = {k: sched[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")}
     return {"seed": 0, "unet": unet, "vae": vae, "text_encoder": te, "scheduler": sched}
 
@@ -77,7 +87,7 @@ def case_config(case: str, size: str, device: str, dtype: str, concepts: int | N
     with open_dict(cfg):
         cfg.model.tiny = architecture(size)
         cfg.model.name = f"bench_{size}"
-        cfg.model.gradient_checkpointing = size == "sd14"
+        cfg.model.gradient_checkpointing = CHECKPOINTING[size]
         if concepts is not None:
             cfg.model.prompts.unlearn = PROMPTS[:concepts]
         if batch is not None:

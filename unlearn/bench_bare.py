@@ -7,7 +7,7 @@ would without this framework, at the settings of a bench case (``unlearn.bench.c
 - ``dpok``: the paper's LU primal step (DPOK). A recorded trajectory; the reward ``mu l(x_0)`` with
   Lemma 2's likelihood ratio of each concept over the unconditional model (stratified log-SNR
   timesteps, antithetic noise); the policy-gradient term and the path KL to the frozen model.
-- ``fu``: FU's primal step. The denoising loss on retain samples minus the weighted one on forget
+- ``denoise``: FU's primal step. The denoising loss on retain samples minus the weighted one on forget
   samples.
 
 Everything (text embeddings, the retain pool, the forget samples) that the framework draws once at
@@ -65,7 +65,7 @@ class BareLoop:
         self.abar = torch.cumprod(1 - betas.double(), 0)
         self._ddim(int(m.sampler.num_steps), float(m.sampler.eta))
         self.mu = torch.full((len(self.e_con),), float(multiplier), device=self.device)
-        if kind == "fu":
+        if kind == "denoise":
             with torch.no_grad():
                 self.retain_pool = self.sample(int(self.f.retain_pool))
                 self.forget = torch.cat([self.sample(int(m.forget_generated), e) for e in self.e_con])
@@ -199,7 +199,7 @@ class BareLoop:
         per = ((e - self.guided(ab.sqrt() * x + (1 - ab).sqrt() * e, t, self.e_ret)) ** 2).flatten(1).mean(1)
         return per.mean() if reduce else per
 
-    def fu_step(self):
+    def denoise_step(self):
         retain = self.denoising(self.retain_pool[torch.randint(0, len(self.retain_pool), (self.n,))])
         nf = min(int(self.f.forget_batch_size), len(self.forget))
         idx = torch.randint(0, len(self.forget), (nf,))
