@@ -160,3 +160,29 @@ def test_siss_recipe_and_gmm_absolute_thresholds_compose():
 
     cfg = compose_cfg(["formulation=fu", "formulation.threshold_factor=0.5", "formulation.thresholds=[0.02]"])
     ForwardKLUnlearning.check_config(cfg)
+
+
+def test_fu_on_the_ddpm_double_accumulates_and_clips_its_forget_gradient():
+    import unlearn
+
+    cfg = compose_cfg(["model=tiny_ddpm", "formulation=fu", "formulation.grad_accumulation=3",
+                       "formulation.grad_clip=0", "formulation.forget_grad_clip=1e-9"])
+    setup, _, f, *_ = unlearn.build(cfg)
+    calls, grads = {"loss": 0, "step": 0}, []
+    loss_fn, step_fn = f.primal_loss, f.opt.step
+
+    def counted_loss(mu):
+        calls["loss"] += 1
+        return loss_fn(mu)
+
+    def captured_step(*a, **k):
+        calls["step"] += 1
+        grads.append(torch.cat([p.grad.flatten().clone() for p in setup.model.trainable_parameters()]))
+    f.primal_loss, f.opt.step = counted_loss, captured_step
+    state = f.gen.get_state()
+    f.primal_step(torch.full((f.num_constraints,), 5.0))
+    assert calls == {"loss": 3, "step": 1}  # one optimiser step per window of three micro-batches
+    f.gen.set_state(state)
+    f.primal_step(torch.zeros(f.num_constraints))  # the same draws without the forget term
+    # the forget term (weight 5) is clipped to norm 1e-9: what is left is the retain gradient alone
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].norm() > 1e-3
