@@ -233,3 +233,26 @@ def test_one_definition_of_each_concept_model_per_run(model):
     g = float(compose_cfg([f"model={model}"]).model.guidance_scale)
     assert set(scales[("lu",)]) == {1.0} and set(scales[("ru",)]) == {g}
     assert set(scales[("ru", "formulation.concept_guidance=3")]) == {3.0}
+
+
+def test_roles_of_one_unet_share_one_call_with_the_same_answer():
+    """``model.batch_roles``: ESD's target (guided retain view, each concept, the unconditional view)
+    in one UNet call instead of one per role, with the same noise prediction."""
+    import unlearn
+    from unlearn.models.base import ComposedScore
+    import unlearn.models.diffusers_models as dm
+
+    out, calls = {}, []
+    for batched in (False, True):
+        cfg = compose_cfg(["model=tiny_sd", "formulation=lu", f"model.batch_roles={str(batched).lower()}"])
+        setup, _, f, *_ = unlearn.build(cfg)
+        target = f.esd_target(torch.tensor([0.7, 1.3]))
+        assert isinstance(target, ComposedScore) and len(target.models) == 4
+        forward, n = setup.pretrained.base._forward, []
+        setup.pretrained.base._forward = lambda x, t, c: (n.append(len(x)), forward(x, t, c))[1]
+        x, t = torch.randn(3, *setup.pretrained.sample_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 400, 900])
+        with torch.no_grad():
+            out[batched] = target.eps(x, t)
+        calls.append(n)
+    assert calls[0] == [6, 3, 3, 3] and calls[1] == [12]  # 4 calls (2 + 1 + 1 + 1 conditions) -> 1 of 4 conditions
+    assert torch.allclose(out[False], out[True], atol=1e-5)

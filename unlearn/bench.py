@@ -76,14 +76,13 @@ def architecture(size: str) -> dict:
 
 
 def case_config(case: str, size: str, device: str, dtype: str, concepts: int | None = None,
-                batch: int | None = None):
+                batch: int | None = None, overrides=()):
     """The composed config of a case: SD v1.4's recipe (``model=sd14`` and its tuning) on the size's components."""
     from .api import compose
 
-    overrides, _, _ = CASES[case]
     extra = [f"model.precision={dtype}", f"model.device={device}", "logger=none", "progress=false",
              f"model.max_batch={MAX_BATCH[size]}"]
-    cfg = compose(["model=sd14", *overrides, *extra])
+    cfg = compose(["model=sd14", *CASES[case][0], *extra, *overrides])
     with open_dict(cfg):
         cfg.model.tiny = architecture(size)
         cfg.model.name = f"bench_{size}"
@@ -119,12 +118,13 @@ def _peak(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kB
 
 
-def run_ours(case: str, size: str, device: str, dtype: str, reps: int, concepts=None, batch=None) -> dict:
+def run_ours(case: str, size: str, device: str, dtype: str, reps: int, concepts=None, batch=None,
+             overrides=()) -> dict:
     """One case in this process: our primal step, dual step and sampling, and the run they add up to."""
     from .api import build
 
     torch.manual_seed(0)
-    cfg = case_config(case, size, device, dtype, concepts, batch)
+    cfg = case_config(case, size, device, dtype, concepts, batch, overrides)
     setup, sampler, f, mu, gen = build(cfg)
     dev = next(setup.model.parameters()).device
     if dev.type == "cuda":
@@ -181,9 +181,9 @@ def versions() -> dict:
     return info
 
 
-def run_all(size: str, device: str, dtypes: list[str], reps: int, scaling: bool, cases=None) -> list[dict]:
+def run_all(size: str, device: str, dtypes: list[str], reps: int, scaling: bool, cases=None, sets=()) -> list[dict]:
     rows = []
-    common = ["--size", size, "--device", device, "--reps", str(reps)]
+    common = ["--size", size, "--device", device, "--reps", str(reps), *[f"--set={o}" for o in sets]]
     for dtype in dtypes:
         for case in cases or CASES:
             row = _subprocess(["--case", case, "--dtype", dtype, *common])
@@ -231,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/bench/bench.json")
     ap.add_argument("--cases", nargs="*", default=None, help=" ".join(CASES))
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1/3/10-concept rows")
+    ap.add_argument("--set", action="append", default=[], help="a config override for our side, e.g. model.batch_roles=false")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case in this process (JSON on stdout)
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--concepts", type=int, default=None, help=argparse.SUPPRESS)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
             return 2
         dtype = (a.dtype or ["fp32"])[0]
         row = (run_bare(a.case, a.size, device, dtype, a.reps) if a.bare
-               else run_ours(a.case, a.size, device, dtype, a.reps, a.concepts, a.batch))
+               else run_ours(a.case, a.size, device, dtype, a.reps, a.concepts, a.batch, a.set))
         print(json.dumps(row))
         return 0
     unknown = [c for c in (a.cases or []) if c not in CASES]
@@ -255,10 +256,10 @@ def main(argv=None) -> int:
     dtypes = a.dtype or (["fp16", "bf16"] if cuda else ["fp32"])
     print(f"bench size={a.size} device={device} dtypes={dtypes}\n{HEADER}", flush=True)
     t0 = time.time()
-    rows = run_all(a.size, device, dtypes, a.reps, not a.no_scaling, a.cases)
+    rows = run_all(a.size, device, dtypes, a.reps, not a.no_scaling, a.cases, a.set)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"versions": versions(), "size": a.size, "device": device, "rows": rows,
+    out.write_text(json.dumps({"versions": versions(), "size": a.size, "device": device, "overrides": a.set, "rows": rows,
                                "wall_s": time.time() - t0}, indent=1))
     print(f"{len(rows)} rows -> {out} ({time.time() - t0:.0f} s)")
     return 1 if any("error" in r for r in rows) else 0

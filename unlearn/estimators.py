@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .models.base import ScoreModel
+from .models.base import ScoreModel, eps_all
 from .samplers import GaussianSampler, Trajectory
 from .schedule import NoiseSchedule
 
@@ -174,10 +174,14 @@ def log_likelihood_ratio(x: torch.Tensor, model_q: ScoreModel | Sequence[ScoreMo
         t_rows = tt.repeat_interleave(n)
         xt = schedule.add_noise(x.repeat(k, *([1] * (x.ndim - 1))), ee.reshape(k * n, *x.shape[1:]), t_rows)
         e_rows = ee.reshape(k * n, *x.shape[1:])
-        err_p = _sqnorm(e_rows - model_p.eps(xt, t_rows, cond_p)).view(k, n)
+        if cond_p is None and all(cq is None for cq in cond_qs):  # views of one network: one call (eps_all)
+            e_all = eps_all([model_p, *qs], xt, t_rows)
+        else:
+            e_all = [model_p.eps(xt, t_rows, cond_p), *(q.eps(xt, t_rows, cq) for q, cq in zip(qs, cond_qs))]
+        err_p = _sqnorm(e_rows - e_all[0]).view(k, n)
         w = ws[s:s + per_chunk].to(x.device, x.dtype)[:, None]
-        for j, (q, cq) in enumerate(zip(qs, cond_qs)):
-            err_q = _sqnorm(e_rows - q.eps(xt, t_rows, cq)).view(k, n)
+        for j, e_q in enumerate(e_all[1:]):
+            err_q = _sqnorm(e_rows - e_q).view(k, n)
             out[:, j] = out[:, j] + (w * (err_p - err_q)).sum(0)
     return out[:, 0] if single else out
 

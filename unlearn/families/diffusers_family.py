@@ -269,7 +269,7 @@ class DiffusersFamily(Family):
         unet.train(bool(m.gradient_checkpointing))  # checkpointing is only active in training mode
         kw = dict(conditioning=self.unet_conditioning(unet),
                   prediction_type=str(self.comps["scheduler"].get("prediction_type", "epsilon")),
-                  precision=str(m.precision), max_batch=int(m.max_batch))
+                  precision=str(m.precision), max_batch=int(m.max_batch), batch_roles=bool(m.batch_roles))
         shape = (int(unet.config.in_channels), size, size)
         self.base = DiffusersScore(unet, self.schedule, shape, **kw)
         self.pre_base = DiffusersScore(pre_unet, self.schedule, shape, **kw) if pre_unet is not None else self.base

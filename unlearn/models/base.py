@@ -39,12 +39,34 @@ class ScoreModel(nn.Module):
         other.eval()
         return other
 
+    def batch_key(self):
+        """Models with the same key answer :func:`eps_all` in one network call (``None``: alone)."""
+        return None
+
     @staticmethod
     def _timesteps(t, x: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         return t.long()
+
+
+def eps_all(models: Sequence[ScoreModel], x: torch.Tensor, t: torch.Tensor, cond=None) -> list[torch.Tensor]:
+    """Each model's ``eps(x, t)``: models sharing a :meth:`ScoreModel.batch_key` (views of one network
+    under different conditions) are evaluated together, the others one by one."""
+    out: list = [None] * len(models)
+    groups: dict = {}
+    for i, m in enumerate(models):
+        key = m.batch_key()
+        if key is None:
+            out[i] = m.eps(x, t, cond)
+        else:
+            groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        views = [models[i] for i in idx]
+        for i, e in zip(idx, views[0].eps_views(views, x, t) if len(idx) > 1 else [views[0].eps(x, t, cond)]):
+            out[i] = e
+    return out
 
 
 class ComposedScore(ScoreModel):
@@ -72,8 +94,8 @@ class ComposedScore(ScoreModel):
 
     def eps(self, x, t, cond=None):
         out = 0.0
-        for w, m in zip(self.weights, self.models):
-            out = out + w * m.eps(x, t, cond)
+        for w, e in zip(self.weights, eps_all(list(self.models), x, t, cond)):
+            out = out + w * e
         return out
 
     def trainable_parameters(self):

@@ -127,7 +127,8 @@ class DiffusersScore(ScoreModel):
     """A diffusers UNet as a noise predictor at discrete timesteps."""
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, sample_shape, conditioning: str = "none",
-                 prediction_type: str = "epsilon", precision: str = "fp32", max_batch: int = 64):
+                 prediction_type: str = "epsilon", precision: str = "fp32", max_batch: int = 64,
+                 batch_roles: bool = False):
         super().__init__()
         if conditioning not in ("none", "text", "class"):
             raise ValueError(f"conditioning must be none, text or class (got {conditioning!r})")
@@ -140,6 +141,7 @@ class DiffusersScore(ScoreModel):
         self.conditioning, self.prediction_type = conditioning, prediction_type
         self.precision = precision
         self.max_batch = int(max_batch)
+        self.batch_roles = bool(batch_roles)  # views under different conditions share one UNet call (eps_many)
 
     @property
     def device(self) -> torch.device:
@@ -197,6 +199,50 @@ class DiffusersScore(ScoreModel):
         return e.to(x.device, x.dtype)
 
 
+def _slot(uniq: list, c) -> int:
+    for j, u in enumerate(uniq):
+        if u is c or (u.shape == c.shape and torch.equal(u.to(c.device), c)):
+            return j
+    uniq.append(c)
+    return len(uniq) - 1
+
+
+def eps_many(base: "DiffusersScore", x: torch.Tensor, t: torch.Tensor, conds: list) -> list[torch.Tensor]:
+    """``base.eps(x, t, c)`` for every condition in ``conds`` (a tensor or a :class:`Guidance`) with one
+    UNet call per chunk: the distinct conditions (guidance's unconditional one counted once) are stacked
+    along the batch, so a target of k roles costs one call of ``(distinct conditions) x n`` rows."""
+    dev = base.device
+    t = base._timesteps(t, x).to(dev)
+    xin = x.to(dev, torch.float32)
+    uniq: list = []
+    plan = []
+    for c in conds:
+        if isinstance(c, Guidance) and not (c.uncond is None or c.scale == 1.0 or (
+                c.cond.shape == c.uncond.shape and torch.equal(c.cond.to(c.uncond.device), c.uncond))):
+            plan.append((_slot(uniq, c.uncond), _slot(uniq, c.cond), float(c.scale)))
+        else:
+            plan.append((_slot(uniq, c.cond if isinstance(c, Guidance) else c), None, 1.0))
+    r, n = len(uniq), xin.shape[0]
+    per = max(1, base.max_batch // r)
+    outs: list = [[] for _ in conds]
+    with base._autocast(dev):
+        for s in range(0, n, per):
+            xs, ts = xin[s:s + per], t[s:s + per]
+            m = xs.shape[0]
+            rows = torch.cat([base._cycle(u.to(dev), m) for u in uniq])
+            e = base._forward(xs.repeat(r, *([1] * (xs.ndim - 1))), ts.repeat(r), rows).float().view(r, m, *xs.shape[1:])
+            for i, (a, b, scale) in enumerate(plan):
+                outs[i].append(e[a] if b is None else e[a] + scale * (e[b] - e[a]))
+    res = []
+    for o in outs:
+        ek = torch.cat(o)
+        if base.prediction_type == "v_prediction":
+            ab = base.schedule.abar_at(t, xin)
+            ek = ab.sqrt() * ek + (1 - ab).sqrt() * xin
+        res.append(ek.to(x.device, x.dtype))
+    return res
+
+
 class ConditionedView(ScoreModel):
     """A :class:`DiffusersScore` with a fixed condition; ``adapters=False`` runs the base weights."""
 
@@ -218,6 +264,19 @@ class ConditionedView(ScoreModel):
 
     def trainable_parameters(self):
         return [p for p in self.base.parameters() if p.requires_grad] if self.adapters else []
+
+    def batch_key(self):
+        if not self.base.batch_roles or self.cond is None or self.base.conditioning == "none":
+            return None
+        return (id(self.base), self.adapters)
+
+    def eps_views(self, views: list, x, t) -> list:
+        """Several views of this base (same adapters setting) in one UNet call per chunk."""
+        conds = [v.cond for v in views]
+        if self.adapters:
+            return eps_many(self.base, x, t, conds)
+        with adapters_disabled(self.base.unet):
+            return eps_many(self.base, x, t, conds)
 
     def with_cond(self, cond, name: str = "") -> "ConditionedView":
         return ConditionedView(self.base, cond, self.adapters, name)
