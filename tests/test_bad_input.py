@@ -201,6 +201,7 @@ def _results(folder: Path) -> dict:
     return _files(folder)
 
 
+@pytest.mark.slow  # about 11 s (three CLI runs); tests/test_cli.py keeps a CLI exit-code-2 check in the default suite
 def test_train_py_exits_2_with_one_line_and_keeps_earlier_results(bad_files, tmp_path):
     """Through the real entry point: a bad forget file aimed at a directory holding a finished run
     (its files stay as they were), a LoRA regex that matches nothing (found once the model is built),
