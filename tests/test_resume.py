@@ -118,7 +118,8 @@ def interrupt_after(monkeypatch, step):
     ["formulation=fu", "formulation.retain=model", "method.dual_optimizer=adam"],  # retain pool drawn in __init__
     ["formulation=lu", "method=baseline"],  # fixed multipliers, ESD-style primal steps
     # LoRA adapters on a (tiny) diffusers UNet, with the metric suite evaluating during training
-    ["model=tiny_sd", "formulation=lu", "num_threads=1", "metrics.eval_every=1"],
+    pytest.param(["model=tiny_sd", "formulation=lu", "num_threads=1", "metrics.eval_every=1"],
+                 marks=pytest.mark.slow),  # about 11 s: LoRA resume in make test-slow; the GMM cases stay in the default suite
 ], ids=["ru-nupi-distill", "fu-model-adam", "lu-baseline", "tiny_sd-lora-lu"])
 def test_resume_in_process_matches_an_uninterrupted_run(overrides, tmp_path, monkeypatch):
     cfg = cfg_of(overrides + ["formulation.dual_steps=4", "train.checkpoint_every=1"])
