@@ -14,10 +14,10 @@ ACCEPTED = ("an image file of one frame (PNG, JPEG, WebP, BMP, ...): 8-bit RGB, 
 MAX_UPSCALE = 4  # an image whose shorter side is below image_size / MAX_UPSCALE carries too little to resize
 
 
-def open_image(path, key: str):
+def open_image(path, key: str, decode: bool = True):
     """The image file at ``path``, read and checked (a PIL image); else one :class:`ConfigError` line
     naming ``key`` and what is accepted: readable, one frame, a mode whose range is defined (32-bit
-    integer and float images are not)."""
+    integer and float images are not). ``decode=False`` reads the header only (no pixel data)."""
     from PIL import Image
 
     p = Path(str(path)).expanduser()
@@ -28,7 +28,8 @@ def open_image(path, key: str):
         raise ConfigError(f"{key}: {str(p)!r} does not exist; accepted: {ACCEPTED}")
     try:
         im = Image.open(p)
-        im.load()  # the pixel data: a truncated file fails here
+        if decode:
+            im.load()  # the pixel data: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{key}: {str(p)!r} is not a readable image ({reason}); accepted: {ACCEPTED}") from None
