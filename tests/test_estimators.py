@@ -79,6 +79,37 @@ def test_pathwise_kl_matches_exact_kl():
     assert abs(est - exact) < 0.05 * exact + 3 * se, (est, exact)
 
 
+def test_pathwise_kl_of_a_composition_reuses_its_parts_and_agrees():
+    """A path KL from the RU composition to its own concepts reuses the concepts' predictions the
+    composition just made at each state (one evaluation per step, not two) and gives the same numbers."""
+    from unlearn.models.base import ComposedScore
+
+    class Counted(ExactGMMScore):
+        calls = 0
+
+        def eps(self, x, t, cond=None):
+            Counted.calls += 1
+            return super().eps(x, t, cond)
+
+    q1, q2 = Counted(ORACLE.concepts[0], SCHED), Counted(GMM.subset([0]), SCHED)
+    comp = ComposedScore.reverse_kl(PRE, [q1, q2], torch.tensor([0.2, 0.1]))
+    s = GaussianSampler(SCHED, 25, "ddpm")
+
+    class Opaque(ComposedScore):  # the same composition without the reuse
+        def part(self, *a):
+            return None
+
+    opaque = Opaque(list(comp.models), comp.weights)
+    Counted.calls = 0
+    a = pathwise_kl(comp, [q1, q2], s, 64, torch.Generator().manual_seed(3))
+    reused = Counted.calls
+    Counted.calls = 0
+    b = pathwise_kl(opaque, [q1, q2], s, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.mean() > 0
+    assert reused == 2 * s.num_steps and Counted.calls == 4 * s.num_steps - 2 * (s.num_steps - sum(
+        s.stochastic(k) for k in range(s.num_steps)))
+
+
 def test_pathwise_kl_is_zero_for_identical_models():
     kl = pathwise_kl(PRE, [PRE], GaussianSampler(SCHED, 20), 16)
     assert float(kl.abs().max()) == 0.0

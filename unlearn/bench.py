@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ CASES = {
     "fu_constrained": (["formulation=fu", "method=constrained"], "denoise", 0.1),
     "fu_fixed": (["formulation=fu", "method=fixed", "method.multiplier=0.1"], "denoise", 0.1),
 }
-MAX_BATCH = {"tiny": 256, "cpu": 64, "sd14": 16}  # UNet rows per call (the bare loops make one call per role)
+MAX_BATCH = {"tiny": 256, "cpu": 512, "sd14": 16}  # UNet rows per call (the bare loops make one call for all roles)
 SCALING = {"lu": "lu_constrained", "ru": "ru_dual"}  # how cost grows with the number of concepts
 CONCEPTS = (1, 3, 10)
 PROMPTS = ["a golden retriever", "a german shepherd", "a brown dog", "a poodle", "a beagle", "a husky",
@@ -52,8 +53,8 @@ def _json(name: str) -> dict:
 # size -> changes to SD v1.4's UNet, VAE and text encoder ("cpu": a tenth of the width, 16x16 latents,
 # a 4-layer text encoder; "sd14": none)
 REDUCED = {
-    "cpu": ({"block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 128, "sample_size": 16},
-            {"block_out_channels": [32, 64, 128, 128], "sample_size": 128},
+    "cpu": ({"block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 128, "sample_size": 8},
+            {"block_out_channels": [32, 64, 128, 128], "sample_size": 64},
             {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 4,
              "projection_dim": 128}),
     "sd14": ({}, {}, {}),
@@ -97,19 +98,45 @@ def case_config(case: str, size: str, device: str, dtype: str, concepts: int | N
 
 
 class Timer:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, min_s: float = 3.0):
         self.cuda = device.type == "cuda"
+        self.min_s = min_s
 
     def __call__(self, fn, reps: int) -> float:
-        fn()  # warm-up: one-off draws (e.g. a timestep proposal), kernels, allocator
-        if self.cuda:
-            torch.cuda.synchronize()
+        """The median over at least ``reps`` calls (and about ``min_s`` of calls, at most 20) after one
+        warm-up call (one-off draws, kernels, allocator): on shared cores the median resists the odd
+        slow call that a mean would carry."""
         t0 = time.perf_counter()
-        for _ in range(reps):
+        fn()
+        warm = time.perf_counter() - t0
+        times = []
+        for _ in range(max(1, reps, min(20, int(self.min_s / max(warm, 1e-3))))):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
             fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps
+            if self.cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def paired(self, fn_a, fn_b, reps: int) -> tuple[float, float]:
+        """Medians of ``fn_a`` and ``fn_b`` called alternately (one warm-up call each first; as many
+        pairs as :meth:`__call__` would make calls)."""
+        t0 = time.perf_counter()
+        fn_a(), fn_b()
+        warm = (time.perf_counter() - t0) / 2
+        ta, tb = [], []
+        for _ in range(max(2, reps, min(20, int(self.min_s / max(warm, 1e-3))))):
+            for fn, out in ((fn_a, ta), (fn_b, tb)):
+                if self.cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if self.cuda:
+                    torch.cuda.synchronize()
+                out.append(time.perf_counter() - t0)
+        return statistics.median(ta), statistics.median(tb)
 
 
 def _peak(device: torch.device) -> int:
@@ -118,9 +145,13 @@ def _peak(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: kB
 
 
-def run_ours(case: str, size: str, device: str, dtype: str, reps: int, concepts=None, batch=None,
-             overrides=()) -> dict:
-    """One case in this process: our primal step, dual step and sampling, and the run they add up to."""
+def run_case(case: str, size: str, device: str, dtype: str, reps: int, concepts=None, batch=None,
+             overrides=(), step_only: bool = False, bare: bool = True, min_s: float = 3.0) -> dict:
+    """One case in this process: our primal step, dual step and sampling, the run they add up to and
+    the peak memory; then, where the case has one, the bare loop built beside it and the two steps
+    timed alternately (``s_per_step``, ``bare_s_per_step``, ``ratio``), so that drifts of a shared
+    machine fall on both. ``step_only`` (the scaling rows) times the case's own step only: the
+    primal step, or RU's estimate."""
     from .api import build
 
     torch.manual_seed(0)
@@ -130,34 +161,40 @@ def run_ours(case: str, size: str, device: str, dtype: str, reps: int, concepts=
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     m = f.project(torch.full((f.num_constraints,), CASES[case][2]))  # feasible (RU: the multipliers sum below 1)
-    timer = Timer(dev)
-    primal = timer(lambda: f.primal_step(m), reps) if f.has_primal else 0.0
-    dual = timer(lambda: f.estimate(m), reps)
+    timer = Timer(dev, min_s)
+    pilot = 0.0
+    if hasattr(f, "timestep_proposal"):  # LU's one-off timestep-proposal pilot (likelihood_pilot > 0), on its own
+        t0 = time.perf_counter()
+        f.timestep_proposal()
+        pilot = time.perf_counter() - t0
+    step = (lambda: f.primal_step(m)) if f.has_primal else (lambda: f.estimate(m))
+    primal = timer(step, reps) if f.has_primal else 0.0
+    dual = timer(lambda: f.estimate(m), reps) if not (step_only and f.has_primal) else None
     f_cfg = cfg.formulation
     n = int(f_cfg.batch_size if "batch_size" in f_cfg else f_cfg.primal_batch_size)
-    sample = timer(lambda: sampler.sample(setup.model, n, gen, cond=setup.cond), max(1, reps // 2))
+    sample = None if step_only else timer(lambda: sampler.sample(setup.model, n, gen, cond=setup.cond), max(1, reps // 2))
+    peak = _peak(dev)
     k, steps = int(cfg.train.primal_steps_per_dual), int(cfg.train.dual_steps)
-    est = steps * (k * primal + dual) + sample
-    return {"name": case, "formulation": f.name, "method": str(cfg.method.name), "device": str(dev), "dtype": dtype,
-            "size": size, "s_per_step": primal if f.has_primal else dual, "primal_s": primal, "dual_s": dual,
-            "sample_s": sample, "est_run_s": est, "peak_mem_bytes": _peak(dev), "concepts": f.num_constraints,
-            "batch": {"primal": int(f_cfg.primal_batch_size), "estimate": n},
-            "recipe": {"dual_steps": steps, "primal_steps_per_dual": k, "sampler_steps": int(cfg.model.sampler.num_steps),
-                       "guidance_scale": float(cfg.model.guidance_scale)},
-            "resolution": int(cfg.model.tiny.unet.sample_size) * 8}
+    est = None if step_only else pilot + steps * (k * primal + dual) + sample
+    row = {"name": case, "formulation": f.name, "method": str(cfg.method.name), "device": str(dev), "dtype": dtype,
+           "size": size, "s_per_step": primal if f.has_primal else dual, "primal_s": primal, "dual_s": dual,
+           "sample_s": sample, "pilot_s": pilot, "est_run_s": est, "peak_mem_bytes": peak,
+           "concepts": f.num_constraints, "batch": {"primal": int(f_cfg.primal_batch_size), "estimate": n},
+           "recipe": {"dual_steps": steps, "primal_steps_per_dual": k, "sampler_steps": int(cfg.model.sampler.num_steps),
+                      "guidance_scale": float(cfg.model.guidance_scale),
+                      "likelihood_pilot": int(f_cfg.get("likelihood_pilot", 0) or 0)},
+           "resolution": int(cfg.model.tiny.unet.sample_size) * 8, "bare_s_per_step": None, "ratio": None}
+    if bare and CASES[case][1] and f.has_primal:
+        from . import bench_bare
 
-
-def run_bare(case: str, size: str, device: str, dtype: str, reps: int) -> dict:
-    """The bare loop of a case in this process (same settings as :func:`run_ours`)."""
-    from . import bench_bare
-
-    torch.manual_seed(0)
-    cfg = case_config(case, size, device, dtype)
-    loop = bench_bare.BareLoop(cfg, CASES[case][1], CASES[case][2])
-    timer = Timer(loop.device)
-    if loop.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loop.device)
-    return {"bare_s_per_step": timer(loop.step, reps), "bare_peak_mem_bytes": _peak(loop.device)}
+        torch.manual_seed(0)
+        loop = bench_bare.BareLoop(case_config(case, size, device, dtype, concepts, batch), CASES[case][1],
+                                   CASES[case][2])
+        ours_s, bare_s = timer.paired(step, loop.step, reps)
+        row.update(s_per_step=ours_s, primal_s=ours_s, bare_s_per_step=bare_s, ratio=ours_s / bare_s)
+        if est is not None:
+            row["est_run_s"] = pilot + steps * (k * ours_s + dual) + sample
+    return row
 
 
 def _subprocess(args: list[str]) -> dict:
@@ -187,10 +224,6 @@ def run_all(size: str, device: str, dtypes: list[str], reps: int, scaling: bool,
     for dtype in dtypes:
         for case in cases or CASES:
             row = _subprocess(["--case", case, "--dtype", dtype, *common])
-            if "error" not in row and CASES[case][1]:
-                row.update(_subprocess(["--case", case, "--dtype", dtype, "--bare", *common]))
-                if "bare_s_per_step" in row:
-                    row["ratio"] = row["s_per_step"] / row["bare_s_per_step"]
             row.setdefault("name", case)
             row.setdefault("ratio", None)
             row.setdefault("bare_s_per_step", None)
@@ -202,8 +235,8 @@ def run_all(size: str, device: str, dtypes: list[str], reps: int, scaling: bool,
             for b in (2, 4):
                 for k in CONCEPTS:
                     row = _subprocess(["--case", case, "--dtype", dtype, "--concepts", str(k), "--batch", str(b),
-                                       *common])
-                    row.update(name=f"{case}_k{k}_b{b}", scaling=True, ratio=None, bare_s_per_step=None)
+                                       "--step-only", *common])
+                    row.update(name=f"{case}_k{k}_b{b}", scaling=True)
                     rows.append(row)
                     print(_line(row), flush=True)
     return rows
@@ -214,8 +247,9 @@ def _line(r: dict) -> str:
         return f"{r['name']:<26} error: {r['error']}"
     ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
     bare = f"{r['bare_s_per_step']:.3f}" if r.get("bare_s_per_step") else "-"
-    return (f"{r['name']:<26}{r['dtype']:>5}{r['s_per_step']:>9.3f}{bare:>9}{ratio:>7}{r['dual_s']:>9.3f}"
-            f"{r['sample_s']:>9.3f}{r['est_run_s']:>10.0f}{r['peak_mem_bytes'] / 2**30:>8.2f}")
+    num = lambda v, w, p: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"
+    return (f"{r['name']:<26}{r['dtype']:>5}{r['s_per_step']:>9.3f}{bare:>9}{ratio:>7}{num(r['dual_s'], 9, 3)}"
+            f"{num(r['sample_s'], 9, 3)}{num(r['est_run_s'], 10, 0)}{r['peak_mem_bytes'] / 2**30:>8.2f}")
 
 
 HEADER = (f"{'case':<26}{'dtype':>5}{'step s':>9}{'bare s':>9}{'ratio':>7}{'dual s':>9}{'sample s':>9}"
@@ -233,9 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1/3/10-concept rows")
     ap.add_argument("--set", action="append", default=[], help="a config override for our side, e.g. model.batch_roles=false")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case in this process (JSON on stdout)
-    ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--concepts", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and a.device != "cpu"
     device = "cuda" if cuda else "cpu"
@@ -245,8 +279,8 @@ def main(argv=None) -> int:
             print(f"error: --case must be one of {list(CASES)} (got {a.case!r})", file=sys.stderr)
             return 2
         dtype = (a.dtype or ["fp32"])[0]
-        row = (run_bare(a.case, a.size, device, dtype, a.reps) if a.bare
-               else run_ours(a.case, a.size, device, dtype, a.reps, a.concepts, a.batch, a.set))
+        row = run_case(a.case, a.size, device, dtype, a.reps, a.concepts, a.batch, a.set, a.step_only,
+                       bare=not a.step_only)
         print(json.dumps(row))
         return 0
     unknown = [c for c in (a.cases or []) if c not in CASES]

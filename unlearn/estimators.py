@@ -39,8 +39,17 @@ def pathwise_kl(model: ScoreModel, references: Sequence[ScoreModel], sampler: Ga
         if w == 0.0:
             return
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        for j, (ref, rc) in enumerate(zip(refs, ref_conds)):
-            acc[:, j] += w * _sqnorm(eps - ref.eps(x, tt, rc)).float().cpu()
+        part = getattr(model, "part", None)  # a composed model's own predictions at this x, reused
+        e_ref = [part(ref, x, rc) if part is not None else None for ref, rc in zip(refs, ref_conds)]
+        todo = [j for j, e in enumerate(e_ref) if e is None]
+        if todo and all(ref_conds[j] is ref_conds[todo[0]] for j in todo):  # one condition: batched views
+            for j, e in zip(todo, eps_all([refs[j] for j in todo], x, tt, ref_conds[todo[0]])):
+                e_ref[j] = e
+        for j in todo:
+            if e_ref[j] is None:
+                e_ref[j] = refs[j].eps(x, tt, ref_conds[j])
+        for j, e in enumerate(e_ref):
+            acc[:, j] += w * _sqnorm(eps - e).float().cpu()
 
     traj = sampler.sample(model, n, generator=generator, cond=cond, callback=cb, record=return_trajectory)
     return (acc, traj) if return_trajectory else acc

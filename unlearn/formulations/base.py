@@ -394,11 +394,15 @@ class Formulation:
             total_steps = int(self.cfg.dual_steps) * int(self.cfg.primal_steps_per_dual)
         self.sched = lr_schedule(self.opt, self.cfg, total_steps)
 
+    def _params(self) -> list:
+        """The optimiser's parameters (the trainable ones), without walking the whole network each step."""
+        return [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
+
     def _backward(self, part: PrimalLoss, k: int) -> None:
         """Accumulate one micro-batch's gradient (``1/k`` of the update); each clipped term's gradient
         is clipped to its norm on this micro-batch before it is added."""
-        params = [p for p in self.setup.model.trainable_parameters() if p.requires_grad]
         terms = [(t, float(c)) for t, c in part.clipped if float(c) > 0]
+        params = self._params() if terms else []
         rest = part.loss
         for term, max_norm in terms:
             grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
@@ -415,10 +419,10 @@ class Formulation:
         clip (``formulation.grad_clip``), the step and the schedule's step."""
         from ..distributed import get_dist
 
-        get_dist().average_gradients(self.setup.model.trainable_parameters())  # data-parallel ranks
+        get_dist().average_gradients(self._params())  # data-parallel ranks
         clip = float(self.cfg.grad_clip)
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.setup.model.trainable_parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(self._params(), clip)
         self.opt.step()
         if getattr(self, "sched", None) is not None:
             self.sched.step()

@@ -82,6 +82,7 @@ class ComposedScore(ScoreModel):
         self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
         self.schedule = models[0].schedule
         self.sample_shape = models[0].sample_shape
+        self._last = None  # (x, cond, parts) of the last call without gradients: see :meth:`part`
 
     @classmethod
     def reverse_kl(cls, pretrained: ScoreModel, concepts: Sequence[ScoreModel], mu: torch.Tensor):
@@ -93,10 +94,22 @@ class ComposedScore(ScoreModel):
         return cls([pretrained, *concepts], w)
 
     def eps(self, x, t, cond=None):
+        parts = eps_all(list(self.models), x, t, cond)
+        self._last = None if torch.is_grad_enabled() else (x, cond, parts)
         out = 0.0
-        for w, e in zip(self.weights, eps_all(list(self.models), x, t, cond)):
+        for w, e in zip(self.weights, parts):
             out = out + w * e
         return out
+
+    def part(self, model: ScoreModel, x: torch.Tensor, cond=None) -> torch.Tensor | None:
+        """``model.eps`` at ``x`` as computed by the last call on this very ``x`` (same tensor, same
+        condition object), or ``None``: a path KL to one of the composed models reuses its prediction."""
+        if self._last is None or self._last[0] is not x or self._last[1] is not cond:
+            return None
+        for m, e in zip(self.models, self._last[2]):
+            if m is model:
+                return e
+        return None
 
     def trainable_parameters(self):
         return []
