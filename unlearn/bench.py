@@ -7,7 +7,7 @@ estimates) and the sampling of one batch, extrapolates a whole run of the case's
 records the peak memory (the CUDA allocator's peak on a GPU, the peak RSS of the case's own process on
 a CPU). SD v1.4's components are built with random weights from their published configurations
 (``unlearn/assets/sd14/``): ``size=sd14`` is the full model at 64x64 latents, ``size=cpu`` the same
-architecture at a tenth of the width and 16x16 latents, ``size=tiny`` the test double. Each case runs
+architecture at a tenth of the width and 8x8 latents, ``size=tiny`` the test double. Each case runs
 in its own process. Rows go to ``outputs/bench/bench.json`` and a table is printed.
 
 The bare loops (:mod:`unlearn.bench_bare`) are what a user would write on diffusers and peft without
@@ -50,7 +50,7 @@ def _json(name: str) -> dict:
     return {k: v for k, v in json.loads((ASSETS / f"{name}.json").read_text()).items() if not k.startswith("_")}
 
 
-# size -> changes to SD v1.4's UNet, VAE and text encoder ("cpu": a tenth of the width, 16x16 latents,
+# size -> changes to SD v1.4's UNet, VAE and text encoder ("cpu": a tenth of the width, 8x8 latents,
 # a 4-layer text encoder; "sd14": none)
 REDUCED = {
     "cpu": ({"block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 128, "sample_size": 8},

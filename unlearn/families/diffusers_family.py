@@ -267,6 +267,11 @@ class DiffusersFamily(Family):
         if bool(m.gradient_checkpointing) and hasattr(unet, "enable_gradient_checkpointing"):
             unet.enable_gradient_checkpointing()
         unet.train(bool(m.gradient_checkpointing))  # checkpointing is only active in training mode
+        for u in (unet, pre_unet) if pre_unet is not None else (unet,):
+            if bool(m.get("channels_last", False)):
+                u.to(memory_format=torch.channels_last)
+            if bool(m.get("compile", False)):
+                u.compile()  # in place: the module (and its peft adapters' switches) stays the same object
         kw = dict(conditioning=self.unet_conditioning(unet),
                   prediction_type=str(self.comps["scheduler"].get("prediction_type", "epsilon")),
                   precision=str(m.precision), max_batch=int(m.max_batch), batch_roles=bool(m.batch_roles))
