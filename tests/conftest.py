@@ -24,6 +24,10 @@ TINY_BY_MODEL["tiny_sd"] = TINY_BY_MODEL["tiny_ddpm"] = TINY_BY_MODEL["tiny_clas
 TINY_BY_MODEL["digits"] = TINY_METRICS + ["model.pretrain.steps=20", "model.eval_net.steps=20", "model.final_samples=16",
                                           "model.sampler.num_steps=5", "metrics.sscd.denoise.num_steps=3",
                                           "metrics.sscd.seeds=[0]", "metrics.retain.source=data"]
+# digits_sd: a few pretraining steps of each component (the real pipeline is exercised by the slow tests)
+TINY_BY_MODEL["digits_sd"] = TINY_METRICS + ["model.pretrain.vae_steps=4", "model.pretrain.unet_steps=4",
+                                             "model.eval_net.steps=20", "model.final_samples=8", "model.eval_samples=4",
+                                             "model.sampler.num_steps=4", "model.max_batch=64"]
 TINY = TINY_COMMON + TINY_BY_MODEL["gmm"]  # the default model's tiny overrides (subprocess tests use these)
 IMAGE_MODELS = ("tiny_sd", "tiny_ddpm")
 TINY_BY_FORMULATION = {

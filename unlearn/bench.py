@@ -182,7 +182,7 @@ def run_case(case: str, size: str, device: str, dtype: str, reps: int, concepts=
            "concepts": f.num_constraints, "batch": {"primal": int(f_cfg.primal_batch_size), "estimate": n},
            "recipe": {"dual_steps": steps, "primal_steps_per_dual": k, "sampler_steps": int(cfg.model.sampler.num_steps),
                       "guidance_scale": float(cfg.model.guidance_scale),
-                      "likelihood_pilot": int(f_cfg.get("likelihood_pilot", 0) or 0)},
+                      "likelihood_pilot": int(f_cfg.likelihood_pilot) if "likelihood_pilot" in f_cfg else 0},
            "resolution": int(cfg.model.tiny.unet.sample_size) * 8, "bare_s_per_step": None, "ratio": None}
     if bare and CASES[case][1] and f.has_primal:
         from . import bench_bare

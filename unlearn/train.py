@@ -306,8 +306,9 @@ def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
     target = f.oracle_target(mu)
     metrics, pre_metrics, metric_info = {}, {}, {}
     if setup.evaluate is not None:
-        metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None)
-        pre_metrics = setup.evaluate(pre_samples, None, None)
+        metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None,
+                                 model=final)
+        pre_metrics = setup.evaluate(pre_samples, None, None, model=setup.pretrained)
     metrics = {**f.final_metrics(mu), **metrics}  # e.g. RU's importance-weighted KL; measured ones win
     if own is not None:
         pre_metrics = {**f.final_metrics(torch.zeros_like(mu)), **pre_metrics}

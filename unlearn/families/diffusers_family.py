@@ -268,9 +268,9 @@ class DiffusersFamily(Family):
             unet.enable_gradient_checkpointing()
         unet.train(bool(m.gradient_checkpointing))  # checkpointing is only active in training mode
         for u in (unet, pre_unet) if pre_unet is not None else (unet,):
-            if bool(m.get("channels_last", False)):
+            if bool(m.channels_last):
                 u.to(memory_format=torch.channels_last)
-            if bool(m.get("compile", False)):
+            if bool(m.compile):
                 u.compile()  # in place: the module (and its peft adapters' switches) stays the same object
         kw = dict(conditioning=self.unet_conditioning(unet),
                   prediction_type=str(self.comps["scheduler"].get("prediction_type", "epsilon")),
@@ -406,7 +406,7 @@ class DiffusersFamily(Family):
     def metric_models(self) -> dict:
         return {}
 
-    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None) -> dict:
+    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None, model=None) -> dict:
         return {}
 
     # -- pixels <-> model space -----------------------------------------------------------------------

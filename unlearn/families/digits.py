@@ -58,7 +58,7 @@ class Digits(ClassConditional):
 
         return metric_models(self.eval_net(), self.eval_accuracy)
 
-    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None) -> dict:
+    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None, model=None) -> dict:
         from ..models.digits_eval import class_shares
 
         net = self.eval_net()

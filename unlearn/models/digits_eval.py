@@ -139,10 +139,12 @@ class DigitsConceptScorer:
 
     @staticmethod
     def label(prompt: str) -> int:
-        tail = str(prompt).strip().split()[-1]
-        if not tail.isdigit() or not 0 <= int(tail) <= 9:
-            raise ValueError(f"digits concept prompts must end in a digit 0-9 (got {prompt!r})")
-        return int(tail)
+        from .digits_sd import digit_of
+
+        d = digit_of(prompt)
+        if d is None:
+            raise ValueError(f"digits concept prompts must end in a digit 0-9 or its name (got {prompt!r})")
+        return d
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, prompts, batch_size: int = 32) -> torch.Tensor:

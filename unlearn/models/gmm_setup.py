@@ -161,7 +161,7 @@ class GMMEvaluator:
         margin = 5.0 * float(self.gmm.stds.max())
         return Grid.around(allp, margin, self.grid_size)
 
-    def evaluate(self, samples: torch.Tensor, formulation: str | None = None, multipliers=None) -> dict:
+    def evaluate(self, samples: torch.Tensor, formulation: str | None = None, multipliers=None, model=None) -> dict:
         x = samples.detach().cpu().to(torch.float64)
         near = self.gmm.nearest_component(x).numpy()
         out = {"num_samples": int(len(x)),

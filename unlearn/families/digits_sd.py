@@ -1,0 +1,121 @@
+"""``model=digits_sd``: the text-to-image path on a trained model. A Stable-Diffusion-class pipeline
+pretrained here on the digits (:mod:`unlearn.models.digits_sd`), loaded from its diffusers folder
+through ``model.path``'s code, judged by the digits evaluation network on VAE-decoded images: the
+share of each digit under the retain prompt, under each unlearn prompt and under paraphrases of it
+that unlearning never used."""
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from ..config import ConfigError
+from ..models.base import ComposedScore
+from ..models.diffusers_models import ConditionedView, Guidance
+from ..utils import generator
+from .base import register_family
+from .text2img import TextToImage
+
+
+def recondition(model, cond):
+    """``model`` under another prompt: a view of the UNet takes the new condition; the RU composition
+    ``(eps_pre - sum_i mu_i eps_i) / (1 - mu_bar)`` takes it in its pretrained term (the concepts keep
+    theirs). None for anything else."""
+    if isinstance(model, ConditionedView):
+        return model.with_cond(cond, model.name)
+    if isinstance(model, ComposedScore) and isinstance(model.models[0], ConditionedView):
+        return ComposedScore([recondition(model.models[0], cond), *model.models[1:]], model.weights)
+    return None
+
+
+@register_family("digits_sd")
+class DigitsSD(TextToImage):
+    double = "digits_sd"  # pretraining is cached; the contract battery shortens it
+
+    @classmethod
+    def validate(cls, m) -> None:
+        from ..models.digits_sd import digit_of
+
+        super().validate(m)
+        for i, p in enumerate(m.prompts.unlearn):
+            if digit_of(p) is None:
+                raise ConfigError(f"model.prompts.unlearn[{i}]={p!r} names no digit; accepted: a prompt whose last "
+                                  f"word is a digit 0-9 or its name (e.g. 'seven', 'the digit 7')")
+        para = m.prompts.paraphrases
+        if para is not None and not OmegaConf.is_dict(para):
+            raise ConfigError(f"model.prompts.paraphrases must map a concept prompt to a list of prompts (got {para!r})")
+        for k, v in (para or {}).items():
+            if k not in list(m.prompts.unlearn):
+                raise ConfigError(f"model.prompts.paraphrases.{k}: not one of model.prompts.unlearn "
+                                  f"{list(m.prompts.unlearn)}")
+            if not OmegaConf.is_list(v) or any(not isinstance(s, str) or not s.strip() for s in v):
+                raise ConfigError(f"model.prompts.paraphrases.{k} must be a list of non-empty prompts (got {v!r})")
+
+    @classmethod
+    def components(cls, m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:
+        """A local ``model.path`` as given; otherwise the pipeline pretrained here (cached), loaded
+        through the same ``model.path`` code as a local Stable Diffusion copy."""
+        if m.path:
+            return super().components(m, cache_dir, show_progress)
+        from ..models.digits_sd import pretrain_digits_sd
+
+        folder, _ = pretrain_digits_sd(m, cache_dir or "outputs/cache", show_progress)
+        local = m.copy()
+        with open_dict(local):
+            local.path = str(folder)
+        return super().components(local, cache_dir, show_progress)
+
+    def roles(self, gen: torch.Generator):
+        r = super().roles(gen)
+        r.info["model_path"] = self.source
+        r.info["paraphrases"] = self.paraphrases()
+        return r
+
+    def paraphrases(self) -> dict:
+        """Each concept prompt's paraphrases: ``model.prompts.paraphrases``, else its digit's pretraining
+        captions other than the prompt itself (never used in unlearning)."""
+        from ..models.digits_sd import captions, digit_of
+
+        para = self.m.prompts.paraphrases
+        given = OmegaConf.to_container(para, resolve=True) if para is not None else {}
+        return {p: list(given.get(p) or [c for c in captions(digit_of(p)) if c != p]) for p in self.m.prompts.unlearn}
+
+    # -- evaluation: the digits network on decoded images --------------------------------------------
+    def eval_net(self):
+        if getattr(self, "_eval_net", None) is None:
+            from ..models.digits_eval import train_eval_net
+
+            e = self.m.eval_net
+            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.steps), int(e.seed))
+        return self._eval_net
+
+    def metric_models(self) -> dict:
+        from ..models.digits_eval import metric_models
+
+        return metric_models(self.eval_net(), self.eval_accuracy)
+
+    def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None, model=None) -> dict:
+        """Digit shares of ``samples`` (the retain prompt's), then of ``model`` sampled under each unlearn
+        prompt and each of its paraphrases (``model.eval_samples`` each, the same seeds for every model)."""
+        from ..models.digits_eval import class_shares
+        from ..models.digits_sd import digit_of
+
+        net = self.eval_net()
+        digits = [digit_of(p) for p in self.m.prompts.unlearn]
+        out = class_shares(net, self.to_images(samples), digits, self.eval_accuracy)
+        if model is None:
+            return out
+        n, g = int(self.m.eval_samples), float(self.m.guidance_scale)
+        e_null = self.encode_prompts([""])
+        prompts = {}
+        for p, d in zip(self.m.prompts.unlearn, digits):
+            for kind, q in [("prompt", p)] + [("paraphrase", s) for s in self.paraphrases()[p]]:
+                view = recondition(model, Guidance(self.encode_prompts([q]), e_null, g))
+                if view is None:
+                    return {**out, "prompt_shares": "not measured: the final model cannot take another prompt"}
+                with torch.no_grad():
+                    x = self.sampler.sample(view, n, generator(int(self.cfg.seed) + 4242)).x0
+                share = class_shares(net, self.to_images(x), [d], self.eval_accuracy)
+                prompts[q] = {"concept": p, "kind": kind, "digit": d, "share": share["unlearned_share"],
+                              "class_share": share["class_share"]}
+        out["prompt_shares"] = prompts
+        return out
