@@ -8,8 +8,8 @@ install:  ## torch + torchvision first (pinned pair that imports together), then
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -e ".[dev]"
 
-test:  ## the default suite (CPU, offline, a few minutes)
-	$(PYTHON) -m pytest -q -x --timeout=900
+test:  ## the default suite (CPU, offline, a few minutes; two workers, one torch thread each)
+	$(PYTHON) -m pytest -q -x -n 2 --timeout=900
 
 test-slow:  ## longer checks, marked `slow`
 	$(PYTHON) -m pytest -q -m slow --timeout=3600

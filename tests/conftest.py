@@ -12,6 +12,9 @@ CONFIGS = ROOT / "configs"
 
 # tiny but real: every code path, seconds per run
 TINY_COMMON = ["logger=none", "progress=false", "formulation.dual_steps=2", "train.final_fit_steps=0"]
+# under pytest-xdist (`make test` runs two workers on two cores) every torch process keeps to one thread:
+# two-thread torch beside another busy process runs far slower than one thread
+WORKER_THREADS = ["num_threads=1"] if os.environ.get("PYTEST_XDIST_WORKER") else []
 TINY_BY_MODEL = {
     "gmm": ["model.pretrain.steps=150", "model.pretrain.batch_size=256", "model.sampler.num_steps=20",
             "train.final_samples=512"],
@@ -54,7 +57,7 @@ TINY_BY_FORMULATION_IMAGE = {
 
 @pytest.fixture(scope="session", autouse=True)
 def _env(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if WORKER_THREADS else 2)
     cache = os.environ.get("UNLEARN_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
     os.environ["UNLEARN_CACHE_DIR"] = cache
     os.environ["WANDB_MODE"] = "offline"
@@ -71,7 +74,7 @@ def compose_cfg(overrides=(), tiny=True):
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "gmm")
     by_form = TINY_BY_FORMULATION.get(form, []) if model == "gmm" else TINY_BY_FORMULATION_IMAGE.get(form, [])
     base = (TINY_COMMON + TINY_BY_MODEL.get(model, []) + by_form) if tiny else []
-    return unlearn.compose(base + overrides, CONFIGS)  # as the package composes, with the tiny budgets first
+    return unlearn.compose(base + overrides + WORKER_THREADS, CONFIGS)  # as the package composes, with the tiny budgets first
 
 
 @pytest.fixture
