@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .models.base import ScoreModel, eps_all
+from .models.base import ScoreModel, eps_each
 from .samplers import GaussianSampler, Trajectory
 from .schedule import NoiseSchedule
 
@@ -42,12 +42,8 @@ def pathwise_kl(model: ScoreModel, references: Sequence[ScoreModel], sampler: Ga
         part = getattr(model, "part", None)  # a composed model's own predictions at this x, reused
         e_ref = [part(ref, x, rc) if part is not None else None for ref, rc in zip(refs, ref_conds)]
         todo = [j for j, e in enumerate(e_ref) if e is None]
-        if todo and all(ref_conds[j] is ref_conds[todo[0]] for j in todo):  # one condition: batched views
-            for j, e in zip(todo, eps_all([refs[j] for j in todo], x, tt, ref_conds[todo[0]])):
-                e_ref[j] = e
-        for j in todo:
-            if e_ref[j] is None:
-                e_ref[j] = refs[j].eps(x, tt, ref_conds[j])
+        for j, e in zip(todo, eps_each([refs[j] for j in todo], x, tt, [ref_conds[j] for j in todo])):
+            e_ref[j] = e
         for j, e in enumerate(e_ref):
             acc[:, j] += w * _sqnorm(eps - e).float().cpu()
 
@@ -183,10 +179,7 @@ def log_likelihood_ratio(x: torch.Tensor, model_q: ScoreModel | Sequence[ScoreMo
         t_rows = tt.repeat_interleave(n)
         xt = schedule.add_noise(x.repeat(k, *([1] * (x.ndim - 1))), ee.reshape(k * n, *x.shape[1:]), t_rows)
         e_rows = ee.reshape(k * n, *x.shape[1:])
-        if cond_p is None and all(cq is None for cq in cond_qs):  # views of one network: one call (eps_all)
-            e_all = eps_all([model_p, *qs], xt, t_rows)
-        else:
-            e_all = [model_p.eps(xt, t_rows, cond_p), *(q.eps(xt, t_rows, cq) for q, cq in zip(qs, cond_qs))]
+        e_all = eps_each([model_p, *qs], xt, t_rows, [cond_p, *cond_qs])  # views of one network: one call
         err_p = _sqnorm(e_rows - e_all[0]).view(k, n)
         w = ws[s:s + per_chunk].to(x.device, x.dtype)[:, None]
         for j, e_q in enumerate(e_all[1:]):

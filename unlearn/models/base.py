@@ -69,6 +69,24 @@ def eps_all(models: Sequence[ScoreModel], x: torch.Tensor, t: torch.Tensor, cond
     return out
 
 
+def eps_each(models: Sequence[ScoreModel], x: torch.Tensor, t: torch.Tensor, conds: Sequence) -> list[torch.Tensor]:
+    """Each model's ``eps(x, t, conds[i])``: models given the same condition object go through
+    :func:`eps_all` together (views of one network then share its call)."""
+    groups: list = []  # (condition, indices), in order of first appearance
+    for i, c in enumerate(conds):
+        for g in groups:
+            if g[0] is c:
+                g[1].append(i)
+                break
+        else:
+            groups.append((c, [i]))
+    out: list = [None] * len(models)
+    for c, idx in groups:
+        for i, e in zip(idx, eps_all([models[i] for i in idx], x, t, c)):
+            out[i] = e
+    return out
+
+
 class ComposedScore(ScoreModel):
     """``eps = (w_0 eps_0 + sum_i w_i eps_i) / norm``: the RU target's score composition.
 

@@ -36,6 +36,12 @@ class Guidance:
     uncond: torch.Tensor | None
     scale: float = 1.0
 
+    def plain(self) -> bool:
+        """Whether this is just the conditional model (no unconditional branch, scale 1, or the same
+        condition on both branches): one UNet evaluation instead of two."""
+        return self.uncond is None or self.scale == 1.0 or (
+            self.cond.shape == self.uncond.shape and torch.equal(self.cond.to(self.uncond.device), self.uncond))
+
 
 def schedule_from_scheduler_config(sc: dict) -> NoiseSchedule:
     """The training noise schedule of a diffusers scheduler config (DDPM/DDIM/PNDM/...)."""
@@ -181,8 +187,7 @@ class DiffusersScore(ScoreModel):
                 xs, ts = xin[s:s + self.max_batch], t[s:s + self.max_batch]
                 if isinstance(cond, Guidance):
                     c = cond.cond
-                    if cond.uncond is None or cond.scale == 1.0 or (
-                            c.shape == cond.uncond.shape and torch.equal(c.to(cond.uncond.device), cond.uncond)):
+                    if cond.plain():
                         e = self._forward(xs, ts, c)
                     else:
                         both = self._forward(torch.cat([xs, xs]), torch.cat([ts, ts]),
@@ -192,11 +197,14 @@ class DiffusersScore(ScoreModel):
                 else:
                     e = self._forward(xs, ts, cond)
                 outs.append(e.float())
-        e = torch.cat(outs)
-        if self.prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+        return self.output_to_eps(torch.cat(outs), t, xin).to(x.device, x.dtype)
+
+    def output_to_eps(self, e: torch.Tensor, t: torch.Tensor, xin: torch.Tensor) -> torch.Tensor:
+        """The UNet's output as a noise prediction (v-prediction: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``)."""
+        if self.prediction_type == "v_prediction":
             a = self.schedule.abar_at(t, xin)
             e = a.sqrt() * e + (1 - a).sqrt() * xin
-        return e.to(x.device, x.dtype)
+        return e
 
 
 def _slot(uniq: list, c) -> int:
@@ -217,8 +225,7 @@ def eps_many(base: "DiffusersScore", x: torch.Tensor, t: torch.Tensor, conds: li
     uniq: list = []
     plan = []
     for c in conds:
-        if isinstance(c, Guidance) and not (c.uncond is None or c.scale == 1.0 or (
-                c.cond.shape == c.uncond.shape and torch.equal(c.cond.to(c.uncond.device), c.uncond))):
+        if isinstance(c, Guidance) and not c.plain():
             plan.append((_slot(uniq, c.uncond), _slot(uniq, c.cond), float(c.scale)))
         else:
             plan.append((_slot(uniq, c.cond if isinstance(c, Guidance) else c), None, 1.0))
@@ -233,14 +240,7 @@ def eps_many(base: "DiffusersScore", x: torch.Tensor, t: torch.Tensor, conds: li
             e = base._forward(xs.repeat(r, *([1] * (xs.ndim - 1))), ts.repeat(r), rows).float().view(r, m, *xs.shape[1:])
             for i, (a, b, scale) in enumerate(plan):
                 outs[i].append(e[a] if b is None else e[a] + scale * (e[b] - e[a]))
-    res = []
-    for o in outs:
-        ek = torch.cat(o)
-        if base.prediction_type == "v_prediction":
-            ab = base.schedule.abar_at(t, xin)
-            ek = ab.sqrt() * ek + (1 - ab).sqrt() * xin
-        res.append(ek.to(x.device, x.dtype))
-    return res
+    return [base.output_to_eps(torch.cat(o), t, xin).to(x.device, x.dtype) for o in outs]
 
 
 class ConditionedView(ScoreModel):
