@@ -9,8 +9,26 @@ from .base import register_family
 from .classcond import ClassConditional
 
 
+class DigitsEvaluation:
+    """The digits evaluation network (``model.eval_net``, trained here and cached) as the family's
+    judge: KID features, concept score and copy descriptor (:mod:`unlearn.models.digits_eval`)."""
+
+    def eval_net(self):
+        if getattr(self, "_eval_net", None) is None:
+            from ..models.digits_eval import train_eval_net
+
+            e = self.m.eval_net
+            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.steps), int(e.seed))
+        return self._eval_net
+
+    def metric_models(self) -> dict:
+        from ..models.digits_eval import metric_models
+
+        return metric_models(self.eval_net(), self.eval_accuracy)
+
+
 @register_family("digits")
-class Digits(ClassConditional):
+class Digits(DigitsEvaluation, ClassConditional):
     double = "digits"  # small enough to be its own double (pretraining is cached)
 
     @classmethod
@@ -44,19 +62,6 @@ class Digits(ClassConditional):
                 keep &= y != int(c)
             return self.to_images(x[keep])
         return images
-
-    def eval_net(self):
-        if getattr(self, "_eval_net", None) is None:
-            from ..models.digits_eval import train_eval_net
-
-            e = self.m.eval_net
-            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.steps), int(e.seed))
-        return self._eval_net
-
-    def metric_models(self) -> dict:
-        from ..models.digits_eval import metric_models
-
-        return metric_models(self.eval_net(), self.eval_accuracy)
 
     def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None, model=None) -> dict:
         from ..models.digits_eval import class_shares

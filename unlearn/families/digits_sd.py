@@ -13,6 +13,7 @@ from ..models.base import ComposedScore
 from ..models.diffusers_models import ConditionedView, Guidance
 from ..utils import generator
 from .base import register_family
+from .digits import DigitsEvaluation
 from .text2img import TextToImage
 
 
@@ -28,7 +29,7 @@ def recondition(model, cond):
 
 
 @register_family("digits_sd")
-class DigitsSD(TextToImage):
+class DigitsSD(DigitsEvaluation, TextToImage):
     double = "digits_sd"  # pretraining is cached; the contract battery shortens it
 
     @classmethod
@@ -79,20 +80,7 @@ class DigitsSD(TextToImage):
         given = OmegaConf.to_container(para, resolve=True) if para is not None else {}
         return {p: list(given.get(p) or [c for c in captions(digit_of(p)) if c != p]) for p in self.m.prompts.unlearn}
 
-    # -- evaluation: the digits network on decoded images --------------------------------------------
-    def eval_net(self):
-        if getattr(self, "_eval_net", None) is None:
-            from ..models.digits_eval import train_eval_net
-
-            e = self.m.eval_net
-            self._eval_net, self.eval_accuracy = train_eval_net(self.cfg.paths.cache_dir, int(e.steps), int(e.seed))
-        return self._eval_net
-
-    def metric_models(self) -> dict:
-        from ..models.digits_eval import metric_models
-
-        return metric_models(self.eval_net(), self.eval_accuracy)
-
+    # -- evaluation: the digits network on decoded images (eval_net, metric_models: DigitsEvaluation) -
     def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None, model=None) -> dict:
         """Digit shares of ``samples`` (the retain prompt's), then of ``model`` sampled under each unlearn
         prompt and each of its paraphrases (``model.eval_samples`` each, the same seeds for every model)."""
