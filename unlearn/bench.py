@@ -98,45 +98,36 @@ def case_config(case: str, size: str, device: str, dtype: str, concepts: int | N
 
 
 class Timer:
+    """Medians over at least ``reps`` calls and about ``min_s`` seconds of calls (at most 20), after one
+    warm-up call (one-off draws, kernels, allocator): on shared cores the median resists the odd slow
+    call that a mean would carry."""
+
     def __init__(self, device: torch.device, min_s: float = 3.0):
         self.cuda = device.type == "cuda"
         self.min_s = min_s
 
-    def __call__(self, fn, reps: int) -> float:
-        """The median over at least ``reps`` calls (and about ``min_s`` of calls, at most 20) after one
-        warm-up call (one-off draws, kernels, allocator): on shared cores the median resists the odd
-        slow call that a mean would carry."""
+    def once(self, fn) -> float:
+        """Seconds of one call (the device synchronised on both sides)."""
+        if self.cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        warm = time.perf_counter() - t0
-        times = []
-        for _ in range(max(1, reps, min(20, int(self.min_s / max(warm, 1e-3))))):
-            if self.cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if self.cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def _calls(self, warm: float, reps: int) -> int:
+        return max(reps, min(20, int(self.min_s / max(warm, 1e-3))))
+
+    def __call__(self, fn, reps: int) -> float:
+        warm = self.once(fn)
+        return statistics.median([self.once(fn) for _ in range(self._calls(warm, max(1, reps)))])
 
     def paired(self, fn_a, fn_b, reps: int) -> tuple[float, float]:
-        """Medians of ``fn_a`` and ``fn_b`` called alternately (one warm-up call each first; as many
-        pairs as :meth:`__call__` would make calls)."""
-        t0 = time.perf_counter()
-        fn_a(), fn_b()
-        warm = (time.perf_counter() - t0) / 2
-        ta, tb = [], []
-        for _ in range(max(2, reps, min(20, int(self.min_s / max(warm, 1e-3))))):
-            for fn, out in ((fn_a, ta), (fn_b, tb)):
-                if self.cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if self.cuda:
-                    torch.cuda.synchronize()
-                out.append(time.perf_counter() - t0)
-        return statistics.median(ta), statistics.median(tb)
+        """Medians of ``fn_a`` and ``fn_b`` called alternately (as many pairs as :meth:`__call__` makes calls)."""
+        warm = (self.once(fn_a) + self.once(fn_b)) / 2
+        pairs = [(self.once(fn_a), self.once(fn_b)) for _ in range(self._calls(warm, max(2, reps)))]
+        return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def _peak(device: torch.device) -> int:
@@ -167,34 +158,35 @@ def run_case(case: str, size: str, device: str, dtype: str, reps: int, concepts=
         t0 = time.perf_counter()
         f.timestep_proposal()
         pilot = time.perf_counter() - t0
-    step = (lambda: f.primal_step(m)) if f.has_primal else (lambda: f.estimate(m))
-    primal = timer(step, reps) if f.has_primal else 0.0
+    step = lambda: f.primal_step(m)  # noqa: E731 (formulations with a primal step)
+    paired = bare and bool(CASES[case][1]) and f.has_primal  # the primal step is timed beside the bare loop below
+    if paired:
+        step()  # before the peak memory is read: it includes a primal step's
+    primal = timer(step, reps) if f.has_primal and not paired else 0.0
     dual = timer(lambda: f.estimate(m), reps) if not (step_only and f.has_primal) else None
     f_cfg = cfg.formulation
     n = int(f_cfg.batch_size if "batch_size" in f_cfg else f_cfg.primal_batch_size)
     sample = None if step_only else timer(lambda: sampler.sample(setup.model, n, gen, cond=setup.cond), max(1, reps // 2))
-    peak = _peak(dev)
-    k, steps = int(cfg.train.primal_steps_per_dual), int(cfg.train.dual_steps)
-    est = None if step_only else pilot + steps * (k * primal + dual) + sample
-    row = {"name": case, "formulation": f.name, "method": str(cfg.method.name), "device": str(dev), "dtype": dtype,
-           "size": size, "s_per_step": primal if f.has_primal else dual, "primal_s": primal, "dual_s": dual,
-           "sample_s": sample, "pilot_s": pilot, "est_run_s": est, "peak_mem_bytes": peak,
-           "concepts": f.num_constraints, "batch": {"primal": int(f_cfg.primal_batch_size), "estimate": n},
-           "recipe": {"dual_steps": steps, "primal_steps_per_dual": k, "sampler_steps": int(cfg.model.sampler.num_steps),
-                      "guidance_scale": float(cfg.model.guidance_scale),
-                      "likelihood_pilot": int(f_cfg.likelihood_pilot) if "likelihood_pilot" in f_cfg else 0},
-           "resolution": int(cfg.model.tiny.unet.sample_size) * 8, "bare_s_per_step": None, "ratio": None}
-    if bare and CASES[case][1] and f.has_primal:
+    peak = _peak(dev)  # ours alone: read before the bare loop is built
+    bare_s = None
+    if paired:
         from . import bench_bare
 
         torch.manual_seed(0)
         loop = bench_bare.BareLoop(case_config(case, size, device, dtype, concepts, batch), CASES[case][1],
                                    CASES[case][2])
-        ours_s, bare_s = timer.paired(step, loop.step, reps)
-        row.update(s_per_step=ours_s, primal_s=ours_s, bare_s_per_step=bare_s, ratio=ours_s / bare_s)
-        if est is not None:
-            row["est_run_s"] = pilot + steps * (k * ours_s + dual) + sample
-    return row
+        primal, bare_s = timer.paired(step, loop.step, reps)
+    k, steps = int(cfg.train.primal_steps_per_dual), int(cfg.train.dual_steps)
+    est = None if step_only else pilot + steps * (k * primal + dual) + sample
+    return {"name": case, "formulation": f.name, "method": str(cfg.method.name), "device": str(dev), "dtype": dtype,
+            "size": size, "s_per_step": primal if f.has_primal else dual, "primal_s": primal, "dual_s": dual,
+            "sample_s": sample, "pilot_s": pilot, "est_run_s": est, "peak_mem_bytes": peak,
+            "concepts": f.num_constraints, "batch": {"primal": int(f_cfg.primal_batch_size), "estimate": n},
+            "recipe": {"dual_steps": steps, "primal_steps_per_dual": k, "sampler_steps": int(cfg.model.sampler.num_steps),
+                       "guidance_scale": float(cfg.model.guidance_scale),
+                       "likelihood_pilot": int(f_cfg.likelihood_pilot) if "likelihood_pilot" in f_cfg else 0},
+            "resolution": int(cfg.model.tiny.unet.sample_size) * 8, "bare_s_per_step": bare_s,
+            "ratio": primal / bare_s if bare_s else None}
 
 
 def _subprocess(args: list[str]) -> dict:
@@ -273,7 +265,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and a.device != "cpu"
     device = "cuda" if cuda else "cpu"
-    torch.set_num_threads(torch.get_num_threads())
     if a.case is not None:
         if a.case not in CASES:
             print(f"error: --case must be one of {list(CASES)} (got {a.case!r})", file=sys.stderr)
