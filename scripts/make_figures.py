@@ -18,7 +18,7 @@ import unlearn.config  # noqa: E402,F401  (registers the ${pick:...} resolver)
 from unlearn import figures  # noqa: E402
 
 EXPERIMENTS = ("fig4", "ru_tradeoff", "fu_tradeoff", "digits_lu", "digits_fu", "digits_ru", "digits_ru_paper",
-               "fig3", "fig5", "fig6")
+               "digits_sd_lu", "digits_sd_ru", "digits_sd_fu", "digits_sd_many", "fig3", "fig5", "fig6")
 # the digits sweeps take long on a CPU, and fig3/fig5/fig6 need the real weights and a GPU: ask for them with --only
 DEFAULT = ("fig1", "fig4", "ru_tradeoff", "fu_tradeoff")
 

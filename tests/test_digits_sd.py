@@ -50,6 +50,30 @@ def test_digits_sd_round_trip_through_the_diffusers_pipeline(tmp_path):
     assert torch.allclose(lora, fused, atol=1e-4)
 
 
+def test_a_run_starts_from_the_callers_pipeline_object(tmp_path):
+    """``unlearn.run(cfg, pipeline=pipe)`` unlearns the components of a pipeline the caller holds: the
+    same LoRA as the run that loads the same weights from ``model.path``, and the caller's pipeline is
+    untouched until it loads the result."""
+    import unlearn
+    from safetensors.torch import load_file
+
+    overrides = ["model=digits_sd", "formulation=lu", "method=esd", "method.multiplier=1.0"]
+    s = train(compose_cfg(overrides), tmp_path / "from_path")
+    pipe = _pipeline(s["setup"]["model_path"])
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    s2 = unlearn.run(compose_cfg(overrides), tmp_path / "from_pipe", pipeline=pipe)
+    assert s2["setup"]["model_path"] == "pipeline object (StableDiffusionPipeline)"
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    a = load_file(tmp_path / "from_path" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "from_pipe" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pipe.load_lora_weights(str(tmp_path / "from_pipe"))
+    with pytest.raises(ConfigError, match="pipeline: a DDPMPipeline without vae, text_encoder, tokenizer"):
+        from diffusers import DDPMPipeline
+        unlearn.run(compose_cfg(overrides), tmp_path / "bad", pipeline=DDPMPipeline(unet=pipe.unet, scheduler=pipe.scheduler))
+
+
 def test_digits_sd_refuses_a_prompt_that_names_no_digit(tmp_path):
     cfg = compose_cfg(["model=digits_sd", "formulation=lu", "model.prompts.unlearn=[a horse]"])
     with pytest.raises(ConfigError, match=r"model.prompts.unlearn\[0\]='a horse' names no digit"):
@@ -58,13 +82,14 @@ def test_digits_sd_refuses_a_prompt_that_names_no_digit(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_sd_lu_erases_seven_under_the_retain_prompt(tmp_path):
-    """The real pipeline (pretraining cached) and the LU recipe: through diffusers' own pipeline call
-    with the run's LoRA, the evaluation network finds less than half the pretrained pipeline's share
-    of 7s under the retain prompt, and the other digits' shares move little."""
+@pytest.mark.parametrize("formulation", ["lu", "ru"])
+def test_digits_sd_erases_seven_under_the_retain_prompt(tmp_path, formulation):
+    """The real pipeline (pretraining cached) and the LU recipe, or RU's distilled into the LoRA: through
+    diffusers' own pipeline call with the run's LoRA, the evaluation network finds less than half the
+    pretrained pipeline's share of 7s under the retain prompt, and the other digits' shares move little."""
     from unlearn.families.digits_sd import DigitsSD
 
-    cfg = compose_cfg(["model=digits_sd", "formulation=lu"], tiny=False)
+    cfg = compose_cfg(["model=digits_sd", f"formulation={formulation}"], tiny=False)
     cfg.logger, cfg.progress = "none", False
     s = train(cfg, tmp_path)
     fam = DigitsSD.__new__(DigitsSD)

@@ -249,10 +249,85 @@ def test_roles_of_one_unet_share_one_call_with_the_same_answer():
         target = f.esd_target(torch.tensor([0.7, 1.3]))
         assert isinstance(target, ComposedScore) and len(target.models) == 4
         forward, n = setup.pretrained.base._forward, []
-        setup.pretrained.base._forward = lambda x, t, c: (n.append(len(x)), forward(x, t, c))[1]
+        setup.pretrained.base._forward = lambda x, t, *c: (n.append(len(x)), forward(x, t, *c))[1]
         x, t = torch.randn(3, *setup.pretrained.sample_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 400, 900])
         with torch.no_grad():
             out[batched] = target.eps(x, t)
         calls.append(n)
     assert calls[0] == [6, 3, 3, 3] and calls[1] == [12]  # 4 calls (2 + 1 + 1 + 1 conditions) -> 1 of 4 conditions
     assert torch.allclose(out[False], out[True], atol=1e-5)
+
+
+@pytest.mark.parametrize("max_batch", [64, 3])
+def test_a_retain_prompt_distribution_gives_each_chain_one_prompt_throughout(max_batch):
+    """``model.prompts.retain`` with several prompts (and ``retain_weights``): each trajectory draws its
+    prompt when sampling starts and keeps it in every later evaluation, chunked (``max_batch``) or with
+    its steps stacked: the log-probability recomputed along a recorded chain equals the one accumulated
+    while sampling it, and the trained and pretrained models share the draw. The draw follows the weights."""
+    import unlearn
+    from unlearn.models.diffusers_models import PromptTable
+
+    cfg = compose_cfg(["model=tiny_sd", "formulation=lu", "model.prompts.retain=[a cowboy,a horse,a red hat]",
+                       "model.prompts.retain_weights=[2,1,1]", f"model.max_batch={max_batch}",
+                       "model.sampler.num_steps=4", "model.sampler.eta=1.0"])
+    setup, sampler, *_ = unlearn.build(cfg)
+    table = setup.model.cond.cond
+    assert isinstance(table, PromptTable) and table is setup.pretrained.cond.cond
+    g = torch.Generator().manual_seed(0)
+    traj = sampler.sample(setup.model, 8, g, record=True, log_prob=True)
+    counts = torch.bincount(traj.conditions[0][1], minlength=3).tolist()
+    assert counts[0] == 4 and sorted(counts[1:]) == [2, 2]  # systematic draw: the weights' shares of 8 rows
+    sampler.sample(setup.model, 5, g)  # another batch draws anew in between
+    with torch.no_grad():
+        logp, kl = sampler.step_terms(setup.model, traj, setup.pretrained)
+    torch.testing.assert_close(logp, traj.log_prob, rtol=1e-4, atol=1e-3)
+    assert kl.abs().max() < 1e-6  # LoRA starts at zero: the same model under the same prompt per chain
+    # a chain sampled under a prompt it was not given has another log-probability (the check can fail)
+    table.idx = (traj.conditions[0][1] + 1) % 3
+    from unlearn.samplers import Trajectory
+
+    stale = Trajectory(states=traj.states, timesteps=traj.timesteps)
+    with torch.no_grad():
+        logp_wrong, _ = sampler.step_terms(setup.model, stale)
+    assert (logp_wrong - traj.log_prob).abs().max() > 1e-2
+
+
+def test_fu_refuses_a_retain_prompt_distribution():
+    import unlearn
+    from unlearn.config import ConfigError
+
+    cfg = compose_cfg(["model=tiny_sd", "formulation=fu", "model.prompts.retain=[a cowboy,a horse]"])
+    with pytest.raises(ConfigError, match="model.prompts.retain: a distribution of 2 prompts"):
+        unlearn.build(cfg)
+
+
+@pytest.mark.parametrize("weights", ["[1]", "[1,-1]", "[1,true]", "x"])
+def test_bad_retain_weights_name_the_key(weights):
+    from unlearn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.prompts.retain_weights=.*accepted: null .equal weights. or 2 positive"):
+        import unlearn
+        unlearn.build(compose_cfg(["model=tiny_sd", "model.prompts.retain=[a cowboy,a horse]",
+                                   f"model.prompts.retain_weights={weights}"]))
+
+
+def test_lu_weighted_pool_keeps_each_samples_prompt():
+    """LU's weighted fit denoises each pool sample under the prompt it was drawn with (a retain
+    distribution): the table's rows during the primal loss are the pool's draws at the batch's indices."""
+    import unlearn
+
+    cfg = compose_cfg(["model=tiny_sd", "formulation=lu", "formulation.gradient=weighted",
+                       "model.prompts.retain=[a cowboy,a horse,a red hat]", "formulation.weighted_pool=12",
+                       "formulation.batch_size=5", "formulation.weighted_batch_size=6"])
+    setup, _, f, mu, _ = unlearn.build(cfg)
+    f.prepare()
+    (table, pool_draw), = f._pool_conditions
+    assert table is setup.model.cond.cond and len(pool_draw) == 12
+    assert torch.bincount(pool_draw, minlength=3).min() >= 3  # three chunks (5, 5, 2), each its draw by weight
+    replay = torch.Generator().set_state(f.gen.get_state())
+    expected = pool_draw[torch.randint(0, 12, (6,), generator=replay)]  # the batch the primal step picks
+    seen = []
+    forward = setup.model.base._forward
+    setup.model.base._forward = lambda x, t, c, *o: (seen.append(table.idx.clone()), forward(x, t, c, *o))[1]
+    f.primal_loss(torch.ones(len(setup.concepts)))
+    assert seen and all(torch.equal(s, expected) for s in seen)

@@ -35,14 +35,23 @@ def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None)
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
-def run(cfg: DictConfig | Sequence[str] = (), run_dir: str | Path | None = None) -> dict:
+def run(cfg: DictConfig | Sequence[str] = (), run_dir: str | Path | None = None, pipeline=None) -> dict:
     """One unlearning run (a composed config, or the overrides to compose); returns its summary
-    (also written to ``run_dir/summary.json``). ``run_dir`` defaults to ``cfg.paths.run_dir``."""
+    (also written to ``run_dir/summary.json``). ``run_dir`` defaults to ``cfg.paths.run_dir``.
+
+    ``pipeline``: a diffusers pipeline object of the model family (e.g. a ``StableDiffusionPipeline``
+    for ``model=sd14`` or ``model=digits_sd``) whose components the run unlearns instead of loading
+    ``model.path``; the pipeline itself is left unchanged, and ``pipeline.load_lora_weights(run_dir)``
+    applies the result."""
+    from .families.diffusers_family import using_pipeline
     from .train import train
 
     if not isinstance(cfg, DictConfig):
         cfg = compose(list(cfg))
-    return train(cfg, run_dir=run_dir)
+    if pipeline is None:
+        return train(cfg, run_dir=run_dir)
+    with using_pipeline(pipeline):
+        return train(cfg, run_dir=run_dir)
 
 
 def build(cfg: DictConfig | Sequence[str] = (), show_progress: bool = False):

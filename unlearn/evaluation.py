@@ -98,7 +98,7 @@ class ImageEvaluator:
     def evaluate(self, model, step: int, tag: str, samples: torch.Tensor | None = None) -> tuple[dict, dict]:
         """``(scalars, results)``; PNG grids of the evaluated images under ``run_dir/eval``."""
         ctx = self.context(model, step, samples)
-        results = self.suite.evaluate(ctx)
+        results = self.suite.evaluate(ctx, show_progress=bool(self.cfg.progress), desc=f"metrics ({tag})")
         self.suite.last_images.setdefault("samples", ctx.images)  # the evaluated images, whatever metric ran
         self.suite.save_images(self.run_dir / "eval", prefix=f"{tag}_")
         return MetricSuite.scalars(results), results

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .models.base import ScoreModel
+from .models.base import ScoreModel, draw_conditions, restore_conditions
 from .schedule import NoiseSchedule
 
 
@@ -25,6 +25,7 @@ class Trajectory:
     timesteps: list[int]
     log_prob: torch.Tensor | None = None  # (N,) sum of per-step log-probs under the sampling model
     eps: list[torch.Tensor] = field(default_factory=list)  # sampling model's eps at each step
+    conditions: list = field(default_factory=list)  # the prompt tables' draws (models.base.draw_conditions)
 
     @property
     def x0(self) -> torch.Tensor:
@@ -134,6 +135,7 @@ class GaussianSampler:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else "cpu"
         x = x_T if x_T is not None else self.prior(n, model.sample_shape, generator, device)
+        drawn = draw_conditions(model, x.shape[0], generator)  # each chain's prompt, where the model has a distribution
         states, eps_list = [x], []
         lp = torch.zeros(x.shape[0], device=x.device) if log_prob else None
         ctx = torch.enable_grad() if grad else torch.no_grad()
@@ -157,7 +159,7 @@ class GaussianSampler:
                     eps_list.append(eps if grad else eps.detach())
         if not record:
             states = [states[0], x]
-        return Trajectory(states=states, timesteps=list(self.timesteps), log_prob=lp, eps=eps_list)
+        return Trajectory(states=states, timesteps=list(self.timesteps), log_prob=lp, eps=eps_list, conditions=drawn)
 
     def step_terms(self, model: ScoreModel, traj: Trajectory, reference: ScoreModel | None = None, cond=None,
                    ref_cond=None, num_steps: int | None = None, generator: torch.Generator | None = None):
@@ -170,6 +172,7 @@ class GaussianSampler:
         """
         if len(traj.states) != self.num_steps + 1:
             raise ValueError("step_terms needs a trajectory sampled with record=True")
+        restore_conditions(traj.conditions)  # each chain's prompt as sampled (a prompt distribution)
         stoch = [k for k in range(self.num_steps) if self.stochastic(k)]
         steps = stoch
         scale = 1.0

@@ -446,9 +446,14 @@ def print_summary(summary: dict, run_dir: Path, file=sys.stdout, wall_time_s: fl
                "last": "the multiplier above is its last value"}.get(dual.get("delivered_multipliers"), "")
         lines.append(f"dual ascent oscillated over the second half (sign-flip share {dual['sign_flip_share']}, "
                      f"multiplier spread {dual['multiplier_spread']}){': ' + how if how else ''}")
+    ex = summary.get("extra") or {}
+    if "distilled_kl_to_target" in ex:
+        lines.append(f"distilled into the weights: path KL to the composed target {ex['distilled_kl_to_target']:.4g} "
+                     f"(+- {ex['distilled_kl_to_target_stderr']:.2g}); the distilled model's KL to the pretrained model "
+                     f"{ex['distilled_kl_to_pretrained']:.4g}")
     met = summary.get("metrics") or {}
     pre = summary.get("pretrained_metrics") or {}
-    keys = [k for k in ("unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target")
+    keys = [k for k in ("unlearned_share", "unlearned_mass", "expected_likelihood", "kl_to_pretrained", "kl_to_retained", "kl_to_target")
             if k in met]
     if keys:
         lines.append(f"{'metric':<22}{'unlearned':>12}{'pretrained':>12}")

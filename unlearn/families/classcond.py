@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, as_number
-from ..models.diffusers_models import Guidance
+from ..models.diffusers_models import Guidance, PromptTable
 from .base import register_family
 from .diffusers_family import DiffusersFamily, Roles, int_list, no_repeats
 
@@ -46,6 +46,8 @@ class ClassConditional(DiffusersFamily):
         m, C = self.m, self.m.classes
         null = torch.tensor([int(m.num_classes)])  # the classifier-free guidance null label
         ret = torch.tensor(list(C.retain)) if C.retain is not None else null
+        if len(ret) > 1:  # a distribution over the retain classes: each trajectory draws its class
+            ret = PromptTable(ret, [1.0] * len(ret), [f"{m.class_prefix}{i}" for i in C.retain])
         unl = [int(i) for i in C.unlearn]
         g = float(m.guidance_scale)
         labels = [f"{m.class_prefix}{i}" for i in unl]

@@ -9,6 +9,8 @@ same UNet with the adapters switched off, so it costs no second copy.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -233,6 +235,20 @@ class DiffusersFamily(Family):
             raise ConfigError(f"{key}={str(root)!r} cannot be loaded ({type(exc).__name__}: {reason}); accepted: a "
                               f"folder written by DiffusionPipeline.save_pretrained") from None
 
+    @classmethod
+    def pipeline_components(cls, pipe) -> tuple[dict, str]:
+        """The components of a diffusers pipeline object the caller already holds (:func:`using_pipeline`):
+        the UNet copied, so that the run's adapters go onto the copy and the caller's pipeline stays as it
+        was (it then loads the run's LoRA file like any other); the frozen parts shared."""
+        names = [k for k in cls.LAYOUT if k != "scheduler"]
+        missing = [k for k in names + ["scheduler"] if getattr(pipe, k, None) is None]
+        if missing:
+            raise ConfigError(f"pipeline: a {type(pipe).__name__} without {', '.join(missing)}; accepted for model "
+                              f"family {cls.name}: a diffusers pipeline with {', '.join(cls.LAYOUT)}")
+        comps = {k: getattr(pipe, k) for k in names}
+        comps["unet"] = copy.deepcopy(comps["unet"])
+        return {**comps, "scheduler": dict(pipe.scheduler.config)}, f"pipeline object ({type(pipe).__name__})"
+
     # -- building -------------------------------------------------------------------------------------
     def __init__(self, cfg: DictConfig, needs: frozenset = frozenset(), show_progress: bool = True):
         super().__init__(cfg, needs, show_progress)
@@ -242,7 +258,9 @@ class DiffusersFamily(Family):
             raise ConfigError(missing)
         self.device = _device(m)
         self.dtype = DTYPES[str(m.precision)]
-        self.comps, self.source = self.components(m, str(cfg.paths.cache_dir), show_progress)
+        given = _PIPELINE.get()
+        self.comps, self.source = self.pipeline_components(given) if given is not None else \
+            self.components(m, str(cfg.paths.cache_dir), show_progress)
         unet = self.comps["unet"]
         self.schedule = schedule_from_scheduler_config(self.comps["scheduler"])
         size = int(unet.config.sample_size)
@@ -485,6 +503,20 @@ def _device(m) -> torch.device:
     if d.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={d} but no CUDA device is available; accepted here: auto, cpu")
     return torch.device(d)
+
+
+_PIPELINE: contextvars.ContextVar = contextvars.ContextVar("unlearn_pipeline", default=None)
+
+
+@contextlib.contextmanager
+def using_pipeline(pipe):
+    """Runs built inside take their components from ``pipe`` (a diffusers pipeline object) instead of
+    ``model.path``, the hub or the cache (``unlearn.run(..., pipeline=pipe)``)."""
+    token = _PIPELINE.set(pipe)
+    try:
+        yield
+    finally:
+        _PIPELINE.reset(token)
 
 
 def components(m, cache_dir=None, show_progress: bool = False) -> tuple[dict, str]:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 from ..config import ConfigError
 from ..models.base import ComposedScore
 from ..models.diffusers_models import ConditionedView, Guidance
-from ..utils import generator
+from ..utils import generator, progress
 from .base import register_family
 from .digits import DigitsEvaluation
 from .text2img import TextToImage
@@ -95,15 +95,21 @@ class DigitsSD(DigitsEvaluation, TextToImage):
         n, g = int(self.m.eval_samples), float(self.m.guidance_scale)
         e_null = self.encode_prompts([""])
         prompts = {}
-        for p, d in zip(self.m.prompts.unlearn, digits):
-            for kind, q in [("prompt", p)] + [("paraphrase", s) for s in self.paraphrases()[p]]:
-                view = recondition(model, Guidance(self.encode_prompts([q]), e_null, g))
-                if view is None:
-                    return {**out, "prompt_shares": "not measured: the final model cannot take another prompt"}
-                with torch.no_grad():
-                    x = self.sampler.sample(view, n, generator(int(self.cfg.seed) + 4242)).x0
-                share = class_shares(net, self.to_images(x), [d], self.eval_accuracy)
-                prompts[q] = {"concept": p, "kind": kind, "digit": d, "share": share["unlearned_share"],
-                              "class_share": share["class_share"]}
+        todo = [(p, d, kind, q) for p, d in zip(self.m.prompts.unlearn, digits)
+                for kind, q in [("prompt", p)] + [("paraphrase", s) for s in self.paraphrases()[p]]]
+        retain = list(self.m.prompts.retain)
+        if len(retain) > 1:  # a retain distribution: its first prompt (the generic one) on its own too
+            todo.insert(0, (None, digits, "retain prompt", retain[0]))
+        if self.m.eval_other_digits:  # does each other digit's prompt still draw that digit?
+            todo += [(None, d, "other digit", f"the digit {d}") for d in range(10) if d not in digits]
+        for p, d, kind, q in progress(todo, desc="prompt shares", enabled=bool(self.cfg.progress)):
+            view = recondition(model, Guidance(self.encode_prompts([q]), e_null, g))
+            if view is None:
+                return {**out, "prompt_shares": "not measured: the final model cannot take another prompt"}
+            with torch.no_grad():
+                x = self.sampler.sample(view, n, generator(int(self.cfg.seed) + 4242)).x0
+            share = class_shares(net, self.to_images(x), d if isinstance(d, list) else [d], self.eval_accuracy)
+            prompts[q] = {"concept": p, "kind": kind, "digit": d, "share": share["unlearned_share"],
+                          "class_share": share["class_share"]}
         out["prompt_shares"] = prompts
         return out

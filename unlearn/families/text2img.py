@@ -16,12 +16,24 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, as_number
-from ..models.diffusers_models import Guidance
+from ..models.diffusers_models import Guidance, PromptTable
 from .base import register_family
 from .diffusers_family import DiffusersFamily, Roles, no_repeats
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPT_LISTS = {"retain": "what the model generates and must keep", "unlearn": "one concept q_i per prompt"}
+
+
+def retain_weights(p, key: str) -> None:
+    """``<key>.retain_weights``: null, or one positive number per retain entry."""
+    w = p.retain_weights
+    if w is None:
+        return
+    n = len(p.retain) if p.retain is not None else 0
+    if not OmegaConf.is_list(w) or len(w) != n or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                      or not v > 0 for v in w):
+        raise ConfigError(f"{key}.retain_weights={OmegaConf.to_container(w) if OmegaConf.is_list(w) else w!r} is not "
+                          f"a weight per retain entry; accepted: null (equal weights) or {n} positive numbers")
 
 
 @register_family("text2img")
@@ -53,6 +65,7 @@ class TextToImage(DiffusersFamily):
                 raise ConfigError(f"model.prompts.unlearn[{i}] is empty; accepted: a concept's prompt (the empty "
                                   f"prompt is the unconditional model every likelihood is compared with)")
         no_repeats(list(p.unlearn), "model.prompts.unlearn")
+        retain_weights(p, "model.prompts")
         if as_number(m.guidance_scale, "model.guidance_scale", float, "a number >= 1") < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
 
@@ -113,6 +126,7 @@ class TextToImage(DiffusersFamily):
         P = OmegaConf.to_container(self.m.prompts, resolve=True)
         self.check_prompt_lengths(P)
         e_ret, e_null = self.encode_prompts(P["retain"]), self.encode_prompts([""])
+        e_ret = self.retain_distribution(e_ret, P["retain"], P["retain_weights"])
         e_unl = [self.encode_prompts([p]) for p in P["unlearn"]]
         g = float(self.m.guidance_scale)
         concepts = [self.view(self.concept_condition(e, e_null), trained=False, name=p)
@@ -125,6 +139,17 @@ class TextToImage(DiffusersFamily):
             likelihood_reference=self.view(e_null, trained=False, name="unconditional"),
             rows=[(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])], retain_label=P["retain"][0],
             prompts=list(P["unlearn"]), info={"prompts": P, "guidance_scale": g})
+
+    def retain_distribution(self, cond, names: list, weights):
+        """Several retain prompts (or weights): one :class:`PromptTable` shared by the trained and the
+        pretrained model, each trajectory drawing its prompt; one prompt: its condition as it is."""
+        if len(names) == 1 and weights is None:
+            return cond
+        if "forget_sets" in self.needs:
+            raise ConfigError(f"model.prompts.retain: a distribution of {len(names)} prompts is for formulation=lu "
+                              f"and formulation=ru; formulation={self.cfg.formulation.name}'s retain data carry no "
+                              f"prompt; accepted here: one retain prompt")
+        return PromptTable(cond, weights if weights is not None else [1.0] * len(names), names)
 
     def export_lora(self, state: dict, run_dir: Path) -> list[str]:
         """diffusers' LoRA file: ``StableDiffusionPipeline.load_lora_weights(run_dir)``."""

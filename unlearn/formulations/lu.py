@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError
 from ..estimators import _sqnorm, denoising_loss, log_likelihood_ratio, timestep_proposal, trajectory_kl
-from ..models.base import ComposedScore
+from ..models.base import ComposedScore, restore_conditions
 from ..samplers import Trajectory
 from .base import Formulation, OracleTarget, PrimalLoss
 from .ru import ReverseKLUnlearning
@@ -50,6 +50,7 @@ class LikelihoodUnlearning(Formulation):
         self.anchor = bool(self.cfg.weighted_anchor)  # gradient=weighted: see _weighted_loss
         self.correction_min_t = int(self.cfg.weighted_correction_min_t or 0)
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
+        self._pool_conditions: list = []  # the pool samples' prompts where the retain set is a distribution
         self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
         self._esd_buffer: list = []  # target distillation: trajectories drawn ahead (esd_refresh_every)
@@ -221,6 +222,7 @@ class LikelihoodUnlearning(Formulation):
             x, l = self._weighted_pool()
             m = int(self.cfg.weighted_batch_size)
             idx = torch.randint(0, x.shape[0], (m,), generator=self.gen)
+            restore_conditions([(tab, d[idx]) for tab, d in self._pool_conditions])
             # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7)
             logw = -(l[idx] * multipliers[None]).sum(1)
             w = torch.softmax(logw, 0).to(x.device)
@@ -293,8 +295,12 @@ class LikelihoodUnlearning(Formulation):
             traj = self.sampler.sample(self.setup.model, n * k, self.gen, cond=self.setup.cond, record=True)
             self._esd_buffer = [Trajectory(states=[s[i * n:(i + 1) * n] for s in traj.states],
                                            timesteps=traj.timesteps, log_prob=None,
-                                           eps=[e[i * n:(i + 1) * n] for e in traj.eps]) for i in range(k)]
-        return self._esd_buffer.pop(0)
+                                           eps=[e[i * n:(i + 1) * n] for e in traj.eps],
+                                           conditions=[(tab, d[i * n:(i + 1) * n]) for tab, d in traj.conditions])
+                                for i in range(k)]
+        traj = self._esd_buffer.pop(0)
+        restore_conditions(traj.conditions)  # its rows' prompts, where the model has a prompt distribution
+        return traj
 
     def prepare(self):
         if self.gradient == "weighted" and not self.distils_target:  # drawn before step 1, so a resume redraws it alike
@@ -313,11 +319,14 @@ class LikelihoodUnlearning(Formulation):
             n, b = int(self.cfg.weighted_pool), int(self.cfg.batch_size)
             draws = int(self.cfg.weighted_likelihood_noise)
             above = self.cfg.weighted_refine_above
-            xs = []
+            xs, drawn = [], []
             for k in range(0, n, b):
-                xs.append(self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen,
-                                              cond=self.setup.cond).x0.detach())
+                traj = self.sampler.sample(self.setup.pretrained, min(b, n - k), self.gen, cond=self.setup.cond)
+                xs.append(traj.x0.detach())
+                drawn.append(traj.conditions)
             x = torch.cat(xs)
+            # each pool sample's prompt (a retain distribution): the weighted fit denoises it under that prompt
+            self._pool_conditions = [(tab, torch.cat([d[j][1] for d in drawn])) for j, (tab, _) in enumerate(drawn[0])]
 
             def estimate(pts, noise):
                 with torch.no_grad():

@@ -231,7 +231,7 @@ class MetricSuite:
         return missing
 
     # -- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, ctx: EvalContext) -> dict:
+    def evaluate(self, ctx: EvalContext, show_progress: bool = False, desc: str = "metrics") -> dict:
         """``{metric: result}`` for every enabled metric.
 
         A result is ``{"status": "ok", "value": ..., <details>, "protocol": {...}, "seconds": ...}``,
@@ -241,7 +241,14 @@ class MetricSuite:
         """
         self.last_images = {}
         seed = int(ctx.seed if ctx.seed is not None else self.cfg.seed)
-        return {n: self._evaluate_one(n, ctx, seed) for n in self.enabled}
+        from ..utils import progress
+
+        bar = progress(list(self.enabled), desc=desc, enabled=show_progress)
+        out = {}
+        for n in bar:
+            bar.set_postfix_str(n, refresh=True)
+            out[n] = self._evaluate_one(n, ctx, seed)
+        return out
 
     def _evaluate_one(self, name: str, ctx: EvalContext, seed: int) -> dict:
         metric = self.metrics[name]

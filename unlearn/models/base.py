@@ -39,6 +39,11 @@ class ScoreModel(nn.Module):
         other.eval()
         return other
 
+    def condition_tables(self) -> list:
+        """The distributions among this model's conditions (prompt tables, drawn per trajectory by
+        :func:`draw_conditions`); none: ``[]``."""
+        return []
+
     def batch_key(self):
         """Models with the same key answer :func:`eps_all` in one network call (``None``: alone)."""
         return None
@@ -49,6 +54,23 @@ class ScoreModel(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         return t.long()
+
+
+def draw_conditions(model: ScoreModel, n: int, generator=None) -> list:
+    """Each condition distribution of ``model`` draws the conditions of a batch of ``n`` trajectories
+    (a table shared by several views draws once); returns ``(table, draw)`` pairs, which
+    :func:`restore_conditions` sets back. No distribution: ``[]``, and no random numbers used."""
+    drawn: list = []
+    for t in model.condition_tables():
+        if all(t is not d for d, _ in drawn):
+            drawn.append((t, t.draw(n, generator)))
+    return drawn
+
+
+def restore_conditions(drawn) -> None:
+    """Set condition distributions back to the draws a trajectory was sampled with."""
+    for table, idx in drawn:
+        table.idx = idx
 
 
 def eps_all(models: Sequence[ScoreModel], x: torch.Tensor, t: torch.Tensor, cond=None) -> list[torch.Tensor]:
@@ -118,6 +140,9 @@ class ComposedScore(ScoreModel):
         for w, e in zip(self.weights, parts):
             out = out + w * e
         return out
+
+    def condition_tables(self) -> list:
+        return [t for m in self.models for t in m.condition_tables()]
 
     def part(self, model: ScoreModel, x: torch.Tensor, cond=None) -> torch.Tensor | None:
         """``model.eps`` at ``x`` as computed by the last call on this very ``x`` (same tensor, same

@@ -28,6 +28,49 @@ from .base import ScoreModel
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class PromptTable:
+    """A distribution of prompts as a condition: embeddings ``(P, L, D)`` and weights. Each trajectory
+    draws its prompt when sampling starts (:meth:`draw`, stratified: every prompt gets its weight's
+    share of the batch, give or take one row), and every later evaluation of that batch's rows, in
+    whatever chunks or step stacks, reads row ``r``'s prompt at ``r mod n``. Views of one table
+    (the trained and the pretrained model) share the draw, so objective and constraints are
+    expectations over the joint distribution of prompt and image."""
+
+    def __init__(self, emb: torch.Tensor, weights, prompts: list[str]):
+        self.emb = emb
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = w / w.sum()
+        self.prompts = list(prompts)
+        self.idx: torch.Tensor | None = None  # row -> prompt of the current batch (None: cycle)
+
+    @property
+    def shape(self):
+        return self.emb.shape
+
+    def draw(self, n: int, generator=None) -> torch.Tensor:
+        """Systematic sampling of ``n`` prompts by weight, in random order."""
+        u = torch.rand((), generator=generator, dtype=torch.float64)
+        cdf = torch.cumsum(self.weights, 0)
+        pos = (u + torch.arange(n, dtype=torch.float64)) / n
+        idx = torch.searchsorted(cdf, pos).clamp_(max=len(self.weights) - 1)
+        self.idx = idx[torch.randperm(n, generator=generator)]
+        return self.idx
+
+    def rows(self, n: int, offset: int, device) -> torch.Tensor:
+        pos = torch.arange(offset, offset + n)
+        pick = pos % self.emb.shape[0] if self.idx is None else self.idx[pos % len(self.idx)]
+        return self.emb.to(device)[pick.to(device)]
+
+
+def condition_tables(cond) -> list:
+    """The :class:`PromptTable` objects inside a condition (a table, a Guidance or anything else)."""
+    if isinstance(cond, PromptTable):
+        return [cond]
+    if isinstance(cond, Guidance):
+        return condition_tables(cond.cond) + condition_tables(cond.uncond)
+    return []
+
+
 @dataclass
 class Guidance:
     """Classifier-free guidance: ``eps_u + scale (eps_c - eps_u)``; ``scale = 1`` is plain ``eps_c``."""
@@ -40,7 +83,8 @@ class Guidance:
         """Whether this is just the conditional model (no unconditional branch, scale 1, or the same
         condition on both branches): one UNet evaluation instead of two."""
         return self.uncond is None or self.scale == 1.0 or (
-            self.cond.shape == self.uncond.shape and torch.equal(self.cond.to(self.uncond.device), self.uncond))
+            isinstance(self.cond, torch.Tensor) and isinstance(self.uncond, torch.Tensor)
+            and self.cond.shape == self.uncond.shape and torch.equal(self.cond.to(self.uncond.device), self.uncond))
 
 
 def schedule_from_scheduler_config(sc: dict) -> NoiseSchedule:
@@ -158,21 +202,27 @@ class DiffusersScore(ScoreModel):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=DTYPES[self.precision])
 
-    def _cycle(self, c: torch.Tensor, n: int) -> torch.Tensor:
-        if c.shape[0] == n:
-            return c
-        return c[torch.arange(n, device=c.device) % c.shape[0]]
+    @staticmethod
+    def _cycle(c, n: int, offset: int = 0, device=None) -> torch.Tensor:
+        """The condition of rows ``offset .. offset + n - 1``: a :class:`PromptTable`'s drawn prompts,
+        else ``P`` conditions cycling over the rows (by their index in the whole batch)."""
+        if isinstance(c, PromptTable):
+            return c.rows(n, offset, device)
+        c = c.to(device) if device is not None else c
+        if c.shape[0] == n and offset == 0 or c.shape[0] == 1:
+            return c if c.shape[0] == n else c.expand(n, *c.shape[1:])
+        return c[(torch.arange(n, device=c.device) + offset) % c.shape[0]]
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, c) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, c, offset: int = 0) -> torch.Tensor:
         n = x.shape[0]
         if self.conditioning == "text":
             if c is None:
                 raise ValueError("a text-conditioned UNet needs text embeddings as its condition")
-            out = self.unet(x, t, encoder_hidden_states=self._cycle(c.to(x.device), n)).sample
+            out = self.unet(x, t, encoder_hidden_states=self._cycle(c, n, offset, x.device)).sample
         elif self.conditioning == "class":
             if c is None:
                 raise ValueError("a class-conditional UNet needs class labels as its condition")
-            out = self.unet(x, t, class_labels=self._cycle(c.to(x.device), n)).sample
+            out = self.unet(x, t, class_labels=self._cycle(c, n, offset, x.device)).sample
         else:
             out = self.unet(x, t).sample
         return out[:, : x.shape[1]]  # models that also predict a variance: keep the noise part
@@ -188,14 +238,15 @@ class DiffusersScore(ScoreModel):
                 if isinstance(cond, Guidance):
                     c = cond.cond
                     if cond.plain():
-                        e = self._forward(xs, ts, c)
+                        e = self._forward(xs, ts, c, s)
                     else:
                         both = self._forward(torch.cat([xs, xs]), torch.cat([ts, ts]),
-                                             torch.cat([self._cycle(cond.uncond, len(xs)), self._cycle(c, len(xs))]))
+                                             torch.cat([self._cycle(cond.uncond, len(xs), s, dev),
+                                                        self._cycle(c, len(xs), s, dev)]))
                         e_u, e_c = both.chunk(2)
                         e = e_u + cond.scale * (e_c - e_u)
                 else:
-                    e = self._forward(xs, ts, cond)
+                    e = self._forward(xs, ts, cond, s)
                 outs.append(e.float())
         return self.output_to_eps(torch.cat(outs), t, xin).to(x.device, x.dtype)
 
@@ -209,7 +260,8 @@ class DiffusersScore(ScoreModel):
 
 def _slot(uniq: list, c) -> int:
     for j, u in enumerate(uniq):
-        if u is c or (u.shape == c.shape and torch.equal(u.to(c.device), c)):
+        if u is c or (isinstance(u, torch.Tensor) and isinstance(c, torch.Tensor) and u.shape == c.shape
+                      and torch.equal(u.to(c.device), c)):
             return j
     uniq.append(c)
     return len(uniq) - 1
@@ -236,7 +288,7 @@ def eps_many(base: "DiffusersScore", x: torch.Tensor, t: torch.Tensor, conds: li
         for s in range(0, n, per):
             xs, ts = xin[s:s + per], t[s:s + per]
             m = xs.shape[0]
-            rows = torch.cat([base._cycle(u.to(dev), m) for u in uniq])
+            rows = torch.cat([base._cycle(u, m, s, dev) for u in uniq])
             e = base._forward(xs.repeat(r, *([1] * (xs.ndim - 1))), ts.repeat(r), rows).float().view(r, m, *xs.shape[1:])
             for i, (a, b, scale) in enumerate(plan):
                 outs[i].append(e[a] if b is None else e[a] + scale * (e[b] - e[a]))
@@ -264,6 +316,9 @@ class ConditionedView(ScoreModel):
 
     def trainable_parameters(self):
         return [p for p in self.base.parameters() if p.requires_grad] if self.adapters else []
+
+    def condition_tables(self) -> list:
+        return condition_tables(self.cond)
 
     def batch_key(self):
         if not self.base.batch_roles or self.cond is None or self.base.conditioning == "none":
