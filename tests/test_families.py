@@ -331,3 +331,21 @@ def test_lu_weighted_pool_keeps_each_samples_prompt():
     setup.model.base._forward = lambda x, t, c, *o: (seen.append(table.idx.clone()), forward(x, t, c, *o))[1]
     f.primal_loss(torch.ones(len(setup.concepts)))
     assert seen and all(torch.equal(s, expected) for s in seen)
+
+
+def test_text2img_fu_takes_one_constraint_per_forget_image_file(tmp_path):
+    """FU on a text-to-image model with ``model.forget_images``: one forget set, constraint and
+    multiplier per file (not one per unlearn prompt)."""
+    from PIL import Image
+
+    from unlearn.train import train
+
+    files = []
+    for i in range(3):
+        f = tmp_path / f"img{i}.png"
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(f)
+        files.append(str(f))
+    cfg = compose_cfg(["model=tiny_sd", "formulation=fu", f"model.forget_images=[{','.join(files)}]"])
+    s = train(cfg, tmp_path / "run")
+    assert [c["name"] for c in s["constraints"]] == [f"forget_loss[forget set {i}]" for i in range(3)]
+    assert len(s["multipliers"]) == 3

@@ -108,3 +108,27 @@ def test_paper_sd_presets_draw_both_panels(tmp_path, preset, panels):
     with open(tmp_path / "out" / f"{preset}.csv") as fh:
         header = next(csv.reader(fh))
     assert panels[1] in header and len(rows) == 3 and rows[2][panels[1]] == pytest.approx(0.3 + 2)
+
+
+def test_concept_table_lists_each_concept_of_each_run(tmp_path):
+    """Many concepts: one row per concept and run, with its constraint, multiplier and (digits_sd)
+    the share of its digit before and after; the retained TV leaves the unlearned digits out."""
+    import json
+
+    from unlearn.figures import concept_table, retained_share_tv
+
+    pre = [0.1] * 10
+    share = [0.15, 0.15, 0.0, 0.1, 0.1, 0.1, 0.1, 0.0, 0.15, 0.15]
+    cons = [{"name": f"KL(p||q[{p}])", "value": v, "threshold": 5.0, "pretrained": 4.0, "satisfied": v >= 4.5}
+            for p, v in [("two", 6.0), ("seven", 4.0)]]
+    summary = {"status": "completed", "method": "constrained", "threshold_factor": 1.25, "multipliers": [0.1, 0.3],
+               "constraints": cons, "setup": {"prompts": {"unlearn": ["two", "seven"]}},
+               "metrics": {"class_share": share, "kl_to_pretrained": 2.0}, "pretrained_metrics": {"class_share": pre}}
+    (tmp_path / "sweep" / "constrained_0").mkdir(parents=True)
+    (tmp_path / "sweep" / "constrained_0" / "summary.json").write_text(json.dumps(summary))
+    rows = concept_table(tmp_path / "sweep", tmp_path / "c.csv")
+    assert [(r["concept"], r["share"], r["pretrained_share"], r["multiplier"]) for r in rows] == \
+        [("KL(p||q[two])", 0.0, 0.1, 0.1), ("KL(p||q[seven])", 0.0, 0.1, 0.3)]
+    assert (tmp_path / "c.csv").exists()
+    # the eight kept digits (sum 1.0): four at 0.15, four at 0.10, against 0.1 / 0.8 = 0.125 each
+    assert retained_share_tv(summary) == pytest.approx(0.5 * (4 * 0.025 + 4 * 0.025))

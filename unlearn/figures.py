@@ -44,7 +44,13 @@ def retained_share_tv(summary: dict):
     other classes keep their share exactly, whatever happened to the unlearned ones."""
     share = (summary.get("metrics") or {}).get("class_share")
     pre = (summary.get("pretrained_metrics") or {}).get("class_share")
-    unlearn = set(((summary.get("setup") or {}).get("classes") or {}).get("unlearn") or [])
+    setup = summary.get("setup") or {}
+    unlearn = (summary.get("metrics") or {}).get("unlearned_classes") or (setup.get("classes") or {}).get("unlearn")
+    if not unlearn and (setup.get("prompts") or {}).get("unlearn"):  # digits_sd before unlearned_classes was recorded
+        from .models.digits_sd import digit_of
+
+        unlearn = [digit_of(p) for p in setup["prompts"]["unlearn"]]
+    unlearn = set(unlearn or [])
     if not share or not pre or len(share) != len(pre):
         return None
     keep = [i for i in range(len(share)) if i not in unlearn]
@@ -221,7 +227,37 @@ def figure_tradeoff(sweep_dir: Path, out_dir: Path, name: str, title: str, x: st
             fig.savefig(out_dir / f"{name}.{ext}", dpi=130)
         plt.close(fig)
     multiplier_trajectories(sweep_dir, out_dir / f"{name}_multipliers.png", title)
+    concept_table(sweep_dir, out_dir / f"{name}_concepts.csv")
     return rows
+
+
+def concept_table(sweep_dir: Path, path: Path) -> list[dict] | None:
+    """Per concept of each finished run: its constraint value, threshold and multiplier and, for
+    class-labelled models, its share of the samples before and after (CSV; None without runs)."""
+    rows = []
+    for d in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / "summary.json").exists()):
+        s = json.loads((d / "summary.json").read_text())
+        if s.get("status") not in FINISHED:
+            continue
+        share = (s.get("metrics") or {}).get("class_share")
+        pre = (s.get("pretrained_metrics") or {}).get("class_share")
+        setup = s.get("setup") or {}
+        digits = (s.get("metrics") or {}).get("unlearned_classes") or (setup.get("classes") or {}).get("unlearn")
+        if not digits and (setup.get("prompts") or {}).get("unlearn"):
+            from .models.digits_sd import digit_of
+
+            digits = [digit_of(p) for p in setup["prompts"]["unlearn"]]
+        for i, (c, mu) in enumerate(zip(s.get("constraints", []), s.get("multipliers", []))):
+            row = {"run": d.name, "method": s.get("method"), "threshold_factor": s.get("threshold_factor"),
+                   "concept": c["name"], "value": c["value"], "threshold": c["threshold"],
+                   "pretrained": c["pretrained"], "satisfied": c["satisfied"], "multiplier": mu,
+                   "kl_to_pretrained": _metric(s, "kl_to_pretrained"), "retained_share_tv": retained_share_tv(s)}
+            if share and pre and digits and i < len(digits) and digits[i] is not None:
+                row.update(share=share[digits[i]], pretrained_share=pre[digits[i]])
+            rows.append(row)
+    if rows:
+        write_csv(rows, path)
+    return rows or None
 
 
 def multiplier_trajectories(sweep_dir: Path, path: Path, title: str = "") -> Path | None:

@@ -131,11 +131,14 @@ class TextToImage(DiffusersFamily):
         g = float(self.m.guidance_scale)
         concepts = [self.view(self.concept_condition(e, e_null), trained=False, name=p)
                     for e, p in zip(e_unl, P["unlearn"])]
+        forget = self.forget_sets(concepts, gen) if "forget_sets" in self.needs else []
+        names = list(P["unlearn"])
+        if forget and len(forget) != len(names):  # image files (FU): one constraint per file, or one for all
+            names = [f"forget set {i}" for i in range(len(forget))]
         return Roles(
             model=self.view(Guidance(e_ret, e_null, g), trained=True, name="model"),
             pretrained=self.view(Guidance(e_ret, e_null, g), trained=False, name="pretrained"),
-            names=list(P["unlearn"]), concepts=concepts,
-            forget_sets=self.forget_sets(concepts, gen) if "forget_sets" in self.needs else [],
+            names=names, concepts=concepts, forget_sets=forget,
             likelihood_reference=self.view(e_null, trained=False, name="unconditional"),
             rows=[(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])], retain_label=P["retain"][0],
             prompts=list(P["unlearn"]), info={"prompts": P, "guidance_scale": g})

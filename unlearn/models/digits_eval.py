@@ -171,6 +171,6 @@ def class_shares(net: DigitsNet, images: torch.Tensor, unlearn: list[int], accur
     share = torch.bincount(pred, minlength=10).float() / len(pred)
     probs = torch.cat([net.class_probs(images[i:i + 256]) for i in range(0, len(images), 256)])
     return {"num_samples": len(images), "class_share": [round(float(v), 4) for v in share],
-            "unlearned_share": float(share[unlearn].sum()),
+            "unlearned_classes": [int(d) for d in unlearn], "unlearned_share": float(share[unlearn].sum()),
             "unlearned_prob": float(probs[:, unlearn].sum(1).mean()),
             "eval_net_accuracy": accuracy}
