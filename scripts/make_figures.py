@@ -24,7 +24,11 @@ DEFAULT = ("fig1", "fig4", "ru_tradeoff", "fu_tradeoff")
 
 
 def preset(name):
-    return OmegaConf.load(ROOT / "configs" / "experiment" / f"{name}.yaml")
+    """The preset's composed config with Hydra's own node (its sweep directory comes from configs/sweep/)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
 
 
 def main(argv=None):

@@ -349,3 +349,14 @@ def test_text2img_fu_takes_one_constraint_per_forget_image_file(tmp_path):
     s = train(cfg, tmp_path / "run")
     assert [c["name"] for c in s["constraints"]] == [f"forget_loss[forget set {i}]" for i in range(3)]
     assert len(s["multipliers"]) == 3
+
+
+def test_ru_pool_estimators_refuse_a_retain_distribution():
+    import unlearn
+    from unlearn.config import ConfigError
+
+    cfg = compose_cfg(["model=tiny_sd", "formulation=ru", "model.prompts.retain=[a cowboy,a horse]",
+                       "formulation.kl_estimator=ratio", "formulation.final_samples=resample"])
+    with pytest.raises(ConfigError, match="a retain distribution needs formulation.kl_estimator=path"):
+        unlearn.build(cfg)
+    unlearn.build(compose_cfg(["model=tiny_sd", "formulation=ru", "model.prompts.retain=[a cowboy,a horse]"]))

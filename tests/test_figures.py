@@ -132,3 +132,16 @@ def test_concept_table_lists_each_concept_of_each_run(tmp_path):
     assert (tmp_path / "c.csv").exists()
     # the eight kept digits (sum 1.0): four at 0.15, four at 0.10, against 0.1 / 0.8 = 0.125 each
     assert retained_share_tv(summary) == pytest.approx(0.5 * (4 * 0.025 + 4 * 0.025))
+
+
+def test_make_figures_finds_every_presets_sweep_directory():
+    """``scripts/make_figures.py`` reads each preset's sweep directory from the composed config (the
+    presets take it from configs/sweep/, not from their own file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "scripts" / "make_figures.py")
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    for name in mf.EXPERIMENTS:
+        p = mf.preset(name)
+        assert str(p.hydra.sweep.dir) == f"outputs/sweeps/{p.experiment.name}", name

@@ -88,6 +88,10 @@ class ReverseKLUnlearning(Formulation):
         self.distilled = False
         self.estimator = str(self.cfg.kl_estimator)
         self.final_mode = str(self.cfg.final_samples)
+        if self.setup.model.condition_tables() and (self.estimator == "ratio" or self.final_mode == "resample"):
+            raise ConfigError(f"formulation.kl_estimator={self.estimator} / final_samples={self.final_mode}: a pool "
+                              f"of pretrained samples keeps no prompt per sample, so a retain distribution needs "
+                              f"formulation.kl_estimator=path and formulation.final_samples=composed")
         cap = self.cfg.separation_cap
         self.cap = None if cap is None else float(cap)
         self._pool = self._pre_pool = None
