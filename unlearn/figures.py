@@ -248,7 +248,9 @@ def concept_table(sweep_dir: Path, path: Path) -> list[dict] | None:
 
             digits = [digit_of(p) for p in setup["prompts"]["unlearn"]]
         for i, (c, mu) in enumerate(zip(s.get("constraints", []), s.get("multipliers", []))):
-            row = {"run": d.name, "method": s.get("method"), "threshold_factor": s.get("threshold_factor"),
+            learnable = _learnable(s.get("method"))  # a fixed-weight run's threshold factor is not what it used
+            row = {"run": d.name, "method": s.get("method"),
+                   "threshold_factor": s.get("threshold_factor") if learnable is not False else None,
                    "concept": c["name"], "value": c["value"], "threshold": c["threshold"],
                    "pretrained": c["pretrained"], "satisfied": c["satisfied"], "multiplier": mu,
                    "kl_to_pretrained": _metric(s, "kl_to_pretrained"), "retained_share_tv": retained_share_tv(s)}
