@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     fam = DigitsSD.__new__(DigitsSD)
     fam.cfg, fam.m = cfg, cfg.model
     net = fam.eval_net()
-    g = float(s["setup"].get("guidance_scale", cfg.model.guidance_scale))
+    g = float(s["setup"]["guidance_scale"])  # the run's own sampling guidance
     pipe = StableDiffusionPipeline.from_pretrained(s["setup"]["model_path"], safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
