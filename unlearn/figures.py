@@ -38,19 +38,25 @@ STYLE = {"constrained": dict(color="tab:blue", marker="o", label="constrained (t
          "esd": dict(color="tab:red", marker="v", label="ESD-style target (eta w)")}  # one style per method
 
 
+def _unlearned_classes(summary: dict) -> list:
+    """The class labels a run unlearned, in constraint order: recorded by the digits metrics, else the
+    class-conditional setup's, else (digits_sd runs before they were recorded) the digits its prompts name."""
+    setup = summary.get("setup") or {}
+    classes = (summary.get("metrics") or {}).get("unlearned_classes") or (setup.get("classes") or {}).get("unlearn")
+    if not classes and (setup.get("prompts") or {}).get("unlearn"):
+        from .models.digits_sd import digit_of
+
+        classes = [digit_of(p) for p in setup["prompts"]["unlearn"]]
+    return list(classes or [])
+
+
 def retained_share_tv(summary: dict):
     """Total variation between the retained classes' proportions (class shares renormalised over
     the classes not unlearned) of the unlearned and of the pretrained model's samples: 0 when the
     other classes keep their share exactly, whatever happened to the unlearned ones."""
     share = (summary.get("metrics") or {}).get("class_share")
     pre = (summary.get("pretrained_metrics") or {}).get("class_share")
-    setup = summary.get("setup") or {}
-    unlearn = (summary.get("metrics") or {}).get("unlearned_classes") or (setup.get("classes") or {}).get("unlearn")
-    if not unlearn and (setup.get("prompts") or {}).get("unlearn"):  # digits_sd before unlearned_classes was recorded
-        from .models.digits_sd import digit_of
-
-        unlearn = [digit_of(p) for p in setup["prompts"]["unlearn"]]
-    unlearn = set(unlearn or [])
+    unlearn = set(d for d in _unlearned_classes(summary) if d is not None)
     if not share or not pre or len(share) != len(pre):
         return None
     keep = [i for i in range(len(share)) if i not in unlearn]
@@ -241,14 +247,9 @@ def concept_table(sweep_dir: Path, path: Path) -> list[dict] | None:
             continue
         share = (s.get("metrics") or {}).get("class_share")
         pre = (s.get("pretrained_metrics") or {}).get("class_share")
-        setup = s.get("setup") or {}
-        digits = (s.get("metrics") or {}).get("unlearned_classes") or (setup.get("classes") or {}).get("unlearn")
-        if not digits and (setup.get("prompts") or {}).get("unlearn"):
-            from .models.digits_sd import digit_of
-
-            digits = [digit_of(p) for p in setup["prompts"]["unlearn"]]
+        digits = _unlearned_classes(s)
+        learnable = _learnable(s.get("method"))  # a fixed-weight run's threshold factor is not what it used
         for i, (c, mu) in enumerate(zip(s.get("constraints", []), s.get("multipliers", []))):
-            learnable = _learnable(s.get("method"))  # a fixed-weight run's threshold factor is not what it used
             row = {"run": d.name, "method": s.get("method"),
                    "threshold_factor": s.get("threshold_factor") if learnable is not False else None,
                    "concept": c["name"], "value": c["value"], "threshold": c["threshold"],

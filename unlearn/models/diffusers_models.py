@@ -43,10 +43,6 @@ class PromptTable:
         self.prompts = list(prompts)
         self.idx: torch.Tensor | None = None  # row -> prompt of the current batch (None: cycle)
 
-    @property
-    def shape(self):
-        return self.emb.shape
-
     def draw(self, n: int, generator=None) -> torch.Tensor:
         """Systematic sampling of ``n`` prompts by weight, in random order."""
         u = torch.rand((), generator=generator, dtype=torch.float64)
