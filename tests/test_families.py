@@ -333,6 +333,63 @@ def test_lu_weighted_pool_keeps_each_samples_prompt():
     assert seen and all(torch.equal(s, expected) for s in seen)
 
 
+def test_retain_anchors_compare_a_prompt_with_its_anchors_pretrained_model():
+    """``model.prompts.anchors``: the pretrained side reads each chain's retain prompt as its anchor,
+    sharing the trained side's draw; the objective's KL then compares "a cowboy" with the pretrained
+    "a horse" (zero where the chain drew "a horse" itself)."""
+    import unlearn
+
+    cfg = compose_cfg(["model=tiny_sd", "formulation=lu", "model.prompts.retain=[a cowboy,a horse]",
+                       "model.prompts.anchors={a cowboy: a horse}"])
+    setup, sampler, _, _, _ = unlearn.build(cfg)
+    table = setup.model.cond.cond
+    assert setup.pretrained.cond.cond is not table and setup.pretrained.condition_tables()[0].base is table
+    x, t = torch.randn(4, *setup.model.sample_shape), torch.full((4,), 500)
+    with torch.no_grad():
+        table.idx = torch.tensor([1, 1, 1, 1])
+        horse = setup.model.eps(x, t)  # LoRA starts at zero: the pretrained model under "a horse"
+        table.idx = torch.tensor([0, 1, 0, 1])
+        pre, mine = setup.pretrained.eps(x, t), setup.model.eps(x, t)
+    torch.testing.assert_close(pre, horse)
+    assert (mine[[0, 2]] - horse[[0, 2]]).abs().max() > 1e-4 and torch.allclose(mine[[1, 3]], horse[[1, 3]])
+    traj = sampler.sample(setup.model, 6, torch.Generator().manual_seed(0), record=True)
+    with torch.no_grad():
+        _, kl = sampler.step_terms(setup.model, traj, setup.pretrained)
+    drew = traj.conditions[0][1]
+    assert kl[drew == 1].abs().max() < 1e-6 and kl[drew == 0].min() > 1e-6
+
+
+@pytest.mark.parametrize("anchors", ["{a dog: a horse}", "{a cowboy: 3}", "[a horse]"])
+def test_bad_retain_anchors_name_the_key(anchors):
+    import unlearn
+    from unlearn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.prompts.anchors=.* accepted: null or .retain prompt: anchor prompt"):
+        unlearn.build(compose_cfg(["model=tiny_sd", "model.prompts.retain=[a cowboy,a horse]",
+                                   f"model.prompts.anchors={anchors}"]))
+
+
+def test_lu_weights_are_normalised_within_each_prompt():
+    """The per-prompt tilt p_pre(x | c) exp(-lam l) / Z_c: each prompt keeps its share of the batch, and
+    within a prompt the weights are its own softmax; a prompt whose samples all carry a large l (the
+    concept's own prompt) is not emptied, as one softmax over the batch would do."""
+    from unlearn.formulations.lu import prompt_normalised_weights
+
+    logw = torch.tensor([0.0, -1.0, -50.0, -51.0, -52.0, 0.5])
+    prompts = [torch.tensor([0, 0, 1, 1, 1, 2])]
+    w = prompt_normalised_weights(logw, prompts)
+    for c, share in [(0, 2 / 6), (1, 3 / 6), (2, 1 / 6)]:
+        sel = prompts[0] == c
+        torch.testing.assert_close(w[sel].sum(), torch.tensor(share))
+        torch.testing.assert_close(w[sel] / w[sel].sum(), torch.softmax(logw[sel], 0))
+    assert torch.softmax(logw, 0)[2:5].sum() < 1e-20  # the joint softmax would drop prompt 1
+    # two tables: a row's prompt is the pair of its draws
+    w2 = prompt_normalised_weights(logw, [torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 1, 0, 1, 0, 0])])
+    torch.testing.assert_close(w2[[0, 2]].sum(), torch.tensor(2 / 6))
+    torch.testing.assert_close(w2[[4, 5]] / w2[[4, 5]].sum(), torch.softmax(logw[[4, 5]], 0))
+    torch.testing.assert_close(prompt_normalised_weights(logw, []), torch.softmax(logw, 0))
+
+
 def test_text2img_fu_takes_one_constraint_per_forget_image_file(tmp_path):
     """FU on a text-to-image model with ``model.forget_images``: one forget set, constraint and
     multiplier per file (not one per unlearn prompt)."""

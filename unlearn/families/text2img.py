@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, as_number
-from ..models.diffusers_models import Guidance, PromptTable
+from ..models.diffusers_models import AnchoredTable, Guidance, PromptTable
 from .base import register_family
 from .diffusers_family import DiffusersFamily, Roles, no_repeats
 
@@ -34,6 +34,18 @@ def retain_weights(p, key: str) -> None:
                                                       or not v > 0 for v in w):
         raise ConfigError(f"{key}.retain_weights={OmegaConf.to_container(w) if OmegaConf.is_list(w) else w!r} is not "
                           f"a weight per retain entry; accepted: null (equal weights) or {n} positive numbers")
+
+
+def retain_anchors(p, key: str) -> None:
+    """``<key>.anchors``: a mapping from retain prompts to prompts (each retain prompt's pretrained reference)."""
+    a = p.anchors if "anchors" in p else None
+    if a is None or (OmegaConf.is_dict(a) and not len(a)):
+        return
+    retain = list(p.retain) if OmegaConf.is_list(p.retain) else []
+    if not OmegaConf.is_dict(a) or any(k not in retain or not isinstance(v, str) or not v.strip() for k, v in a.items()):
+        raise ConfigError(f"{key}.anchors={OmegaConf.to_container(a) if OmegaConf.is_dict(a) else a!r} is not a "
+                          f"mapping of retain prompts to prompts; accepted: null or {{retain prompt: anchor prompt}} "
+                          f"with keys among {key}.retain")
 
 
 @register_family("text2img")
@@ -66,6 +78,7 @@ class TextToImage(DiffusersFamily):
                                   f"prompt is the unconditional model every likelihood is compared with)")
         no_repeats(list(p.unlearn), "model.prompts.unlearn")
         retain_weights(p, "model.prompts")
+        retain_anchors(p, "model.prompts")
         if as_number(m.guidance_scale, "model.guidance_scale", float, "a number >= 1") < 1.0:
             raise ConfigError(f"model.guidance_scale must be >= 1 (got {m.guidance_scale})")
 
@@ -126,7 +139,8 @@ class TextToImage(DiffusersFamily):
         P = OmegaConf.to_container(self.m.prompts, resolve=True)
         self.check_prompt_lengths(P)
         e_ret, e_null = self.encode_prompts(P["retain"]), self.encode_prompts([""])
-        e_ret = self.retain_distribution(e_ret, P["retain"], P["retain_weights"])
+        e_ret = self.retain_distribution(e_ret, P["retain"], P["retain_weights"], bool(P["anchors"]))
+        e_pre = self.anchored(e_ret, P["retain"], P["anchors"])
         e_unl = [self.encode_prompts([p]) for p in P["unlearn"]]
         g = float(self.m.guidance_scale)
         concepts = [self.view(self.concept_condition(e, e_null), trained=False, name=p)
@@ -137,22 +151,34 @@ class TextToImage(DiffusersFamily):
             names = [f"forget set {i}" for i in range(len(forget))]
         return Roles(
             model=self.view(Guidance(e_ret, e_null, g), trained=True, name="model"),
-            pretrained=self.view(Guidance(e_ret, e_null, g), trained=False, name="pretrained"),
+            pretrained=self.view(Guidance(e_pre, e_null, g), trained=False, name="pretrained"),
             names=names, concepts=concepts, forget_sets=forget,
             likelihood_reference=self.view(e_null, trained=False, name="unconditional"),
             rows=[(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])], retain_label=P["retain"][0],
             prompts=list(P["unlearn"]), info={"prompts": P, "guidance_scale": g})
 
-    def retain_distribution(self, cond, names: list, weights):
-        """Several retain prompts (or weights): one :class:`PromptTable` shared by the trained and the
-        pretrained model, each trajectory drawing its prompt; one prompt: its condition as it is."""
-        if len(names) == 1 and weights is None:
+    def retain_distribution(self, cond, names: list, weights, anchored: bool = False):
+        """Several retain prompts (or weights, or anchors): one :class:`PromptTable` shared by the trained
+        and the pretrained model, each trajectory drawing its prompt; one prompt: its condition as it is."""
+        if len(names) == 1 and weights is None and not anchored:
             return cond
         if "forget_sets" in self.needs:
             raise ConfigError(f"model.prompts.retain: a distribution of {len(names)} prompts is for formulation=lu "
                               f"and formulation=ru; formulation={self.cfg.formulation.name}'s retain data carry no "
                               f"prompt; accepted here: one retain prompt")
         return PromptTable(cond, weights if weights is not None else [1.0] * len(names), names)
+
+    def anchored(self, table, names: list, anchors: dict):
+        """The pretrained model's retain condition: ``table`` itself, or with ``model.prompts.anchors`` an
+        :class:`AnchoredTable` sharing its draw, each retain prompt read as its anchor's embedding. The
+        objective becomes ``E_c KL(p(.|c) || p_pre(.|anchor(c)))``: under an anchored prompt the model is
+        kept near another prompt's pretrained distribution (as concept ablation maps a concept to an
+        anchor), so a concept's own prompt can lose the concept at a small cost."""
+        if not anchors:
+            return table
+        ref = [anchors[p] if p in anchors else p for p in names]
+        self.check_prompt_lengths({"retain": ref, "unlearn": []})
+        return AnchoredTable(table, self.encode_prompts(ref), ref)
 
     def export_lora(self, state: dict, run_dir: Path) -> list[str]:
         """diffusers' LoRA file: ``StableDiffusionPipeline.load_lora_weights(run_dir)``."""

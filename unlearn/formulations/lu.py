@@ -222,10 +222,11 @@ class LikelihoodUnlearning(Formulation):
             x, l = self._weighted_pool()
             m = int(self.cfg.weighted_batch_size)
             idx = torch.randint(0, x.shape[0], (m,), generator=self.gen)
-            restore_conditions([(tab, d[idx]) for tab, d in self._pool_conditions])
-            # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7)
+            rows = [(tab, d[idx]) for tab, d in self._pool_conditions]
+            restore_conditions(rows)
+            # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7), per prompt
             logw = -(l[idx] * multipliers[None]).sum(1)
-            w = torch.softmax(logw, 0).to(x.device)
+            w = prompt_normalised_weights(logw, [reference_ids(tab, d) for tab, d in rows]).to(x.device)
             loss = self._weighted_loss(x[idx], w)
             out = {"ess": (1.0 / (w**2).sum()).item() / m}
         elif self.gradient == "policy":
@@ -377,3 +378,32 @@ class LikelihoodUnlearning(Formulation):
     @classmethod
     def oracle_multipliers(cls, oracle, thresholds):
         return oracle.solve_dual(oracle.lu_dual, thresholds, oracle.lu_upper_bounds(), name=cls.name)
+
+
+def reference_ids(table, drawn: torch.Tensor) -> torch.Tensor:
+    """Each row's pretrained reference as a group id: the prompt the pool's table reads it as (a retain
+    prompt, or its anchor: prompts with one anchor share one normalising constant)."""
+    names = sorted(set(table.prompts))
+    return torch.tensor([names.index(table.prompts[int(i)]) for i in drawn], dtype=torch.long)
+
+
+def prompt_normalised_weights(logw: torch.Tensor, prompts: list[torch.Tensor]) -> torch.Tensor:
+    """Self-normalised weights ``softmax(logw)`` within each group of rows, times the group's share of
+    the batch (``prompts``: one group id per row from each table; none: a plain softmax).
+
+    The prompt distribution is fixed, so the Lagrangian's minimiser is a tilt per prompt,
+    ``p*(x | c) = p_pre(x | r(c)) exp(-sum lam l(x)) / Z_r(c)`` (``r(c)``: the prompt's pretrained
+    reference, itself or its anchor), whose normalising constant depends on the reference only. One
+    softmax over the whole batch would fit the joint tilt instead, whose prompt marginal moves: a
+    prompt whose samples all carry a large ``l`` (the concept's own prompt) would lose its weight and
+    stay where it was."""
+    if not prompts:
+        return torch.softmax(logw, 0)
+    key = torch.stack([d.to(logw.device).long() for d in prompts], 1)
+    _, group = torch.unique(key, dim=0, return_inverse=True)
+    w = torch.empty_like(logw)
+    for g in range(int(group.max()) + 1):
+        sel = group == g
+        w[sel] = torch.softmax(logw[sel], 0) * (sel.sum() / len(logw))
+    return w
+

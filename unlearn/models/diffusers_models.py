@@ -58,6 +58,24 @@ class PromptTable:
         return self.emb.to(device)[pick.to(device)]
 
 
+class AnchoredTable(PromptTable):
+    """The pretrained model's side of a retain distribution with anchors: the draw (``idx``) of its
+    ``base`` table, read with other embeddings, so a chain drawn under retain prompt ``c`` is compared
+    with the pretrained model under ``c``'s anchor (``model.prompts.anchors``)."""
+
+    def __init__(self, base: PromptTable, emb: torch.Tensor, prompts: list[str]):
+        self.base, self.emb, self.prompts = base, emb, list(prompts)
+        self.weights = base.weights
+
+    @property
+    def idx(self):
+        return self.base.idx
+
+    @idx.setter
+    def idx(self, value):
+        self.base.idx = value
+
+
 def condition_tables(cond) -> list:
     """The :class:`PromptTable` objects inside a condition (a table, a Guidance or anything else)."""
     if isinstance(cond, PromptTable):
