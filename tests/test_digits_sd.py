@@ -108,3 +108,32 @@ def test_digits_sd_erases_seven_under_the_retain_prompt(tmp_path, formulation):
     assert post[7] < 0.5 * pre[7], (pre.tolist(), post.tolist())
     others = [d for d in range(10) if d != 7]
     assert (post[others] / post[others].sum() - pre[others] / pre[others].sum()).abs().max() < 0.08
+
+
+@pytest.mark.slow
+def test_digits_sd_prompts_preset_erases_seven_under_the_prompts_that_name_it(tmp_path):
+    """experiment=digits_sd_prompts (a retain distribution, the seven's captions anchored to the generic
+    prompt): through diffusers' pipeline call with the LoRA, fewer than half the pretrained share of 7s
+    under the retain prompt, under "seven" and under the paraphrase "number 7" (never used in
+    unlearning), while "the digit d" still draws d."""
+    from unlearn.families.digits_sd import DigitsSD
+
+    cfg = compose_cfg(["experiment=digits_sd_prompts"], tiny=False)
+    cfg.logger, cfg.progress = "none", False
+    s = train(cfg, tmp_path)
+    fam = DigitsSD.__new__(DigitsSD)
+    fam.cfg, fam.m = cfg, cfg.model
+    net = fam.eval_net()
+
+    def shares(pipe, prompt, batches):
+        x = torch.cat([_images(pipe, prompt, 64, 20, seed=k) for k in range(batches)])
+        return torch.bincount(net(x).argmax(-1), minlength=10).float() / len(x)
+
+    prompts = {"a handwritten digit": 4, "seven": 2, "number 7": 2, "the digit 1": 1, "the digit 9": 1}
+    pipe = _pipeline(s["setup"]["model_path"])
+    pre = {p: shares(pipe, p, b) for p, b in prompts.items()}
+    pipe.load_lora_weights(str(tmp_path))
+    post = {p: shares(pipe, p, b) for p, b in prompts.items()}
+    for p in ("a handwritten digit", "seven", "number 7"):
+        assert post[p][7] < 0.5 * pre[p][7], (p, pre[p].tolist(), post[p].tolist())
+    assert post["the digit 1"][1] > 0.9 and post["the digit 9"][9] > 0.9, (post["the digit 1"], post["the digit 9"])

@@ -38,7 +38,7 @@ def retain_weights(p, key: str) -> None:
 
 def retain_anchors(p, key: str) -> None:
     """``<key>.anchors``: a mapping from retain prompts to prompts (each retain prompt's pretrained reference)."""
-    a = p.anchors if "anchors" in p else None
+    a = p.anchors
     if a is None or (OmegaConf.is_dict(a) and not len(a)):
         return
     retain = list(p.retain) if OmegaConf.is_list(p.retain) else []
