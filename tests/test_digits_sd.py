@@ -89,8 +89,7 @@ def test_digits_sd_erases_seven_under_the_retain_prompt(tmp_path, formulation):
     pretrained pipeline's share of 7s under the retain prompt, and the other digits' shares move little."""
     from unlearn.families.digits_sd import DigitsSD
 
-    cfg = compose_cfg(["model=digits_sd", f"formulation={formulation}"], tiny=False)
-    cfg.logger, cfg.progress = "none", False
+    cfg = compose_cfg(["model=digits_sd", f"formulation={formulation}", "logger=none", "progress=false"], tiny=False)
     s = train(cfg, tmp_path)
     fam = DigitsSD.__new__(DigitsSD)
     fam.cfg, fam.m = cfg, cfg.model
@@ -118,8 +117,7 @@ def test_digits_sd_prompts_preset_erases_seven_under_the_prompts_that_name_it(tm
     unlearning), while "the digit d" still draws d."""
     from unlearn.families.digits_sd import DigitsSD
 
-    cfg = compose_cfg(["experiment=digits_sd_prompts"], tiny=False)
-    cfg.logger, cfg.progress = "none", False
+    cfg = compose_cfg(["experiment=digits_sd_prompts", "progress=false"], tiny=False)
     s = train(cfg, tmp_path)
     fam = DigitsSD.__new__(DigitsSD)
     fam.cfg, fam.m = cfg, cfg.model
