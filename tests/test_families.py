@@ -344,6 +344,11 @@ def test_retain_anchors_compare_a_prompt_with_its_anchors_pretrained_model():
     setup, sampler, _, _, _ = unlearn.build(cfg)
     table = setup.model.cond.cond
     assert setup.pretrained.cond.cond is not table and setup.pretrained.condition_tables()[0].base is table
+    from unlearn.formulations.lu import reference_ids
+
+    drawn = torch.tensor([0, 1, 1, 0])  # LU's weights share one normalising constant per reference prompt
+    assert reference_ids(setup.pretrained.condition_tables()[0], drawn).tolist() == [0, 0, 0, 0]
+    assert reference_ids(table, drawn).tolist() == [0, 1, 1, 0]
     x, t = torch.randn(4, *setup.model.sample_shape), torch.full((4,), 500)
     with torch.no_grad():
         table.idx = torch.tensor([1, 1, 1, 1])

@@ -51,6 +51,7 @@ class LikelihoodUnlearning(Formulation):
         self.correction_min_t = int(self.cfg.weighted_correction_min_t or 0)
         self._pool = None  # gradient=weighted: pretrained samples and their likelihoods, drawn once
         self._pool_conditions: list = []  # the pool samples' prompts where the retain set is a distribution
+        self._pool_groups: list = []  # per table, each pool sample's pretrained reference (reference_ids)
         self.pool_refined = 0  # how many pool samples got the refined likelihood estimate
         self._proposal = None  # the likelihood estimator's timestep proposal, fitted once (likelihood_pilot)
         self._esd_buffer: list = []  # target distillation: trajectories drawn ahead (esd_refresh_every)
@@ -222,11 +223,10 @@ class LikelihoodUnlearning(Formulation):
             x, l = self._weighted_pool()
             m = int(self.cfg.weighted_batch_size)
             idx = torch.randint(0, x.shape[0], (m,), generator=self.gen)
-            rows = [(tab, d[idx]) for tab, d in self._pool_conditions]
-            restore_conditions(rows)
+            restore_conditions([(tab, d[idx]) for tab, d in self._pool_conditions])
             # self-normalised importance weights of the target p_pre exp(-sum lam l) / Z (eq. 7), per prompt
             logw = -(l[idx] * multipliers[None]).sum(1)
-            w = prompt_normalised_weights(logw, [reference_ids(tab, d) for tab, d in rows]).to(x.device)
+            w = prompt_normalised_weights(logw, [g[idx] for g in self._pool_groups]).to(x.device)
             loss = self._weighted_loss(x[idx], w)
             out = {"ess": (1.0 / (w**2).sum()).item() / m}
         elif self.gradient == "policy":
@@ -328,6 +328,7 @@ class LikelihoodUnlearning(Formulation):
             x = torch.cat(xs)
             # each pool sample's prompt (a retain distribution): the weighted fit denoises it under that prompt
             self._pool_conditions = [(tab, torch.cat([d[j][1] for d in drawn])) for j, (tab, _) in enumerate(drawn[0])]
+            self._pool_groups = [reference_ids(tab, d) for tab, d in self._pool_conditions]
 
             def estimate(pts, noise):
                 with torch.no_grad():
@@ -384,7 +385,7 @@ def reference_ids(table, drawn: torch.Tensor) -> torch.Tensor:
     """Each row's pretrained reference as a group id: the prompt the pool's table reads it as (a retain
     prompt, or its anchor: prompts with one anchor share one normalising constant)."""
     names = sorted(set(table.prompts))
-    return torch.tensor([names.index(table.prompts[int(i)]) for i in drawn], dtype=torch.long)
+    return torch.tensor([names.index(p) for p in table.prompts], dtype=torch.long)[drawn.cpu().long()]
 
 
 def prompt_normalised_weights(logw: torch.Tensor, prompts: list[torch.Tensor]) -> torch.Tensor:
