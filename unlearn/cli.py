@@ -9,13 +9,13 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "formulation", "method", "logger", "experiment")
 
 
-def check_group_overrides(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+def check_group_overrides(argv: list[str], config_dir: Path = CONFIG_DIR, groups=GROUPS) -> str | None:
     """Unknown group options, caught before Hydra prints a multi-line error."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, _, value = arg.lstrip("+~").partition("=")
-        if key not in GROUPS or not (config_dir / key).is_dir():
+        if key not in groups or not (config_dir / key).is_dir():
             continue
         options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
         for v in value.split(","):

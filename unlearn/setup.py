@@ -10,6 +10,20 @@ from .models.base import ScoreModel
 
 
 @dataclass
+class ConceptJudge:
+    """The model family's independent judge of the unlearned concepts (the attacks' measure):
+    ``share(x0)``: the share of model samples judged to show one of them; ``log_prob(x0)``: each
+    sample's log-probability of showing one, differentiable in ``x0`` (``None``: not differentiable);
+    ``expected_likelihood(x0)``: ``E[q_i / p_pre]`` per concept from exact densities (``None``:
+    estimated from denoising errors)."""
+
+    name: str
+    share: Callable[[torch.Tensor], float]
+    log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
+    expected_likelihood: Callable[[torch.Tensor], list[float]] | None = None
+
+
+@dataclass
 class UnlearningSetup:
     """Models and data of one unlearning problem.
 
@@ -49,6 +63,12 @@ class UnlearningSetup:
     # real retain images in [0, 1] (the family's data minus forget images and unlearned classes): the
     # KID reference with metrics.retain.source=data; None: filtered pretrained samples (paper E.1)
     reference_images: Callable[[], torch.Tensor] | None = None
+    # what the attacks (unlearn.attacks) need: the family's judge of the concepts, ``concept_data(k, gen)``:
+    # k real samples of the unlearned concepts in model space (None: samples of the concept models), and
+    # ``soft_condition()``: a trainable condition of the family's conditioning (None: the model takes none)
+    concept_judge: ConceptJudge | None = None
+    concept_data: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    soft_condition: Callable[[], Any] | None = None
 
     @property
     def schedule(self):

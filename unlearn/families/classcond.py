@@ -67,6 +67,18 @@ class ClassConditional(DiffusersFamily):
             prompts=labels, info={"classes": OmegaConf.to_container(C)},
             reference_images=self.real_retain_images([] if "forget_sets" in self.needs else unl))
 
+    def soft_condition(self, roles: Roles):
+        """A class embedding vector starting at the retain class (the null class for the unconditional
+        model; :class:`~unlearn.models.soft_conditions.SoftClassLabel`)."""
+        from ..models.soft_conditions import SoftClassLabel
+
+        unet = self.base.unet
+        if getattr(unet, "class_embedding", None) is None or not hasattr(unet.class_embedding, "num_embeddings"):
+            return None
+        m = self.m
+        init = int(m.classes.retain[0]) if m.classes.retain is not None else int(m.num_classes)
+        return lambda: SoftClassLabel(unet, init, int(m.num_classes), float(m.guidance_scale))
+
     def real_retain_images(self, unlearn_classes: list[int]):
         """The family's real retain images in [0, 1] (KID's reference with ``metrics.retain.source=data``),
         or None: a class-conditional model from the hub brings no data."""

@@ -348,7 +348,8 @@ class DiffusersFamily(Family):
             info=info, likelihood_reference=r.likelihood_reference,
             save_model=lambda run_dir: self.save_unlearned(Path(run_dir)), to_images=self.to_images,
             from_images=self.from_images, prompts=r.prompts, metric_models=self.metric_models(),
-            evaluate=self.family_metrics)
+            evaluate=self.family_metrics, concept_judge=self.concept_judge(), concept_data=self.concept_data(),
+            soft_condition=self.soft_condition(r))
 
     # -- data -----------------------------------------------------------------------------------------
     def dataset(self) -> torch.Tensor | None:
@@ -427,17 +428,34 @@ class DiffusersFamily(Family):
     def family_metrics(self, samples: torch.Tensor, formulation=None, multipliers=None, model=None) -> dict:
         return {}
 
+    # -- what the attacks need (unlearn.attacks); None: this family cannot give it -----------------------
+    def concept_judge(self):
+        """The family's independent judge of the unlearned concepts (:class:`~unlearn.setup.ConceptJudge`)."""
+        return None
+
+    def concept_data(self):
+        """``(k, generator) -> k real samples of the unlearned concepts`` in model space, or None."""
+        return None
+
+    def soft_condition(self, roles: Roles):
+        """``() -> SoftCondition``: a trainable condition starting at the retain condition, or None."""
+        return None
+
     # -- pixels <-> model space -----------------------------------------------------------------------
     @torch.no_grad()
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Model samples -> images (N, 3, H, W) in [0, 1] on the CPU (grey images repeated to RGB)."""
+        return self.decode(x0.detach()).cpu()
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """:meth:`to_images` on the samples' device, differentiable in ``x0`` (the VAE decoder for latents)."""
         if self.vae is None:
-            x = ((x0.float().cpu() + 1) / 2).clamp(0, 1)
+            x = ((x0.float() + 1) / 2).clamp(0, 1)
             return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         out, b = [], int(self.m.max_batch)
         for s in range(0, len(x0), b):
             z = x0[s:s + b].to(self.device, self.dtype) / self.latent_scale
-            out.append(self.vae.decode(z).sample.float().cpu())
+            out.append(self.vae.decode(z).sample.float().to(x0.device))
         return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()

@@ -26,6 +26,47 @@ class DigitsEvaluation:
 
         return metric_models(self.eval_net(), self.eval_accuracy)
 
+    def unlearned_digits(self) -> list[int]:
+        raise NotImplementedError
+
+    def concept_judge(self):
+        """The evaluation network on decoded samples: the share of unlearned digits, and each sample's
+        log-probability of one (differentiable through the decoder)."""
+        from ..models.digits_eval import class_shares
+        from ..setup import ConceptJudge
+
+        net, digits = self.eval_net(), self.unlearned_digits()
+
+        def share(x0):
+            return class_shares(net, self.to_images(x0), digits, self.eval_accuracy)["unlearned_share"]
+
+        def log_prob(x0):
+            return torch.logsumexp(torch.log_softmax(net(self.decode(x0).cpu()), -1)[:, digits], -1)
+
+        return ConceptJudge(f"digits evaluation network (accuracy {self.eval_accuracy:.3f}), digits {digits}",
+                            share, log_prob)
+
+    def concept_data(self):
+        """Real images of the unlearned digits (the diffusion split), at the model's image size, in model space."""
+        import torch.nn.functional as F
+
+        from ..models.digits import load_digits_splits
+
+        def images():  # encoded once, when an attack first asks
+            if getattr(self, "_concept_x", None) is None:
+                x, y = load_digits_splits()["diffusion"]
+                x = (x[torch.isin(y, torch.tensor(self.unlearned_digits()))] + 1) / 2
+                if x.shape[-1] != self.image_size:
+                    x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+                ch = int(self.vae.config.in_channels) if self.vae is not None else int(self.base.sample_shape[0])
+                self._concept_x = self.from_images(x.clamp(0, 1).repeat(1, ch, 1, 1))
+            return self._concept_x
+
+        def data(k, gen):
+            x = images()
+            return x[torch.randperm(len(x), generator=gen)[:int(k)]]
+        return data
+
 
 @register_family("digits")
 class Digits(DigitsEvaluation, ClassConditional):
@@ -50,6 +91,9 @@ class Digits(DigitsEvaluation, ClassConditional):
         from ..models.digits import load_digits_splits
 
         return load_digits_splits()["diffusion"][0]
+
+    def unlearned_digits(self) -> list[int]:
+        return [int(i) for i in self.m.classes.unlearn]
 
     def real_retain_images(self, unlearn_classes: list[int]):
         """The training images without the forget images and the unlearned classes."""

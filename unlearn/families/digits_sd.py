@@ -9,23 +9,11 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from ..config import ConfigError
-from ..models.base import ComposedScore
-from ..models.diffusers_models import ConditionedView, Guidance
+from ..models.diffusers_models import Guidance, recondition
 from ..utils import generator, progress
 from .base import register_family
 from .digits import DigitsEvaluation
 from .text2img import TextToImage
-
-
-def recondition(model, cond):
-    """``model`` under another prompt: a view of the UNet takes the new condition; the RU composition
-    ``(eps_pre - sum_i mu_i eps_i) / (1 - mu_bar)`` takes it in its pretrained term (the concepts keep
-    theirs). None for anything else."""
-    if isinstance(model, ConditionedView):
-        return model.with_cond(cond, model.name)
-    if isinstance(model, ComposedScore) and isinstance(model.models[0], ConditionedView):
-        return ComposedScore([recondition(model.models[0], cond), *model.models[1:]], model.weights)
-    return None
 
 
 @register_family("digits_sd")
@@ -70,6 +58,11 @@ class DigitsSD(DigitsEvaluation, TextToImage):
         r.info["model_path"] = self.source
         r.info["paraphrases"] = self.paraphrases()
         return r
+
+    def unlearned_digits(self) -> list[int]:
+        from ..models.digits_sd import digit_of
+
+        return [digit_of(p) for p in self.m.prompts.unlearn]
 
     def paraphrases(self) -> dict:
         """Each concept prompt's paraphrases: ``model.prompts.paraphrases``, else its digit's pretraining

@@ -157,6 +157,14 @@ class TextToImage(DiffusersFamily):
             rows=[(p, Guidance(e, e_null, g)) for e, p in zip(e_unl, P["unlearn"])], retain_label=P["retain"][0],
             prompts=list(P["unlearn"]), info={"prompts": P, "guidance_scale": g})
 
+    def soft_condition(self, roles: Roles):
+        """The retain prompt's token embeddings (:class:`~unlearn.models.soft_conditions.SoftTextPrompt`)."""
+        from ..models.soft_conditions import SoftTextPrompt
+
+        prompt, g = str(self.m.prompts.retain[0]), float(self.m.guidance_scale)
+        return lambda: SoftTextPrompt(self.comps["tokenizer"], self.comps["text_encoder"], prompt,
+                                      self.encode_prompts([""]), g, self.dtype)
+
     def retain_distribution(self, cond, names: list, weights, anchored: bool = False):
         """Several retain prompts (or weights, or anchors): one :class:`PromptTable` shared by the trained
         and the pretrained model, each trajectory drawing its prompt; one prompt: its condition as it is."""

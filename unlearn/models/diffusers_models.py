@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..schedule import NoiseSchedule
-from .base import ScoreModel
+from .base import ComposedScore, ScoreModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -353,3 +353,14 @@ class ConditionedView(ScoreModel):
     def trainable_state(self) -> dict:
         """The trainable part only (LoRA adapters, or the whole UNet when fine-tuned)."""
         return {k: v.detach().cpu() for k, v in self.base.named_parameters() if v.requires_grad}
+
+
+def recondition(model, cond):
+    """``model`` under another condition: a view of the UNet takes the new condition; the RU composition
+    ``(eps_pre - sum_i mu_i eps_i) / (1 - mu_bar)`` takes it in its pretrained term (the concepts keep
+    theirs). None for anything else (a model that takes no condition)."""
+    if isinstance(model, ConditionedView):
+        return model.with_cond(cond, model.name)
+    if isinstance(model, ComposedScore) and isinstance(model.models[0], ConditionedView):
+        return ComposedScore([recondition(model.models[0], cond), *model.models[1:]], model.weights)
+    return None

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
 from ..schedule import build_schedule
-from ..setup import UnlearningSetup
+from ..setup import ConceptJudge, UnlearningSetup
 from ..utils import atomic_torch_save, config_hash, generator
 from .gmm import GaussianMixture, GMMOracle, Grid, formulation_class
 from .resnet import ResNetDenoiser
@@ -135,7 +135,9 @@ def build_gmm_setup(cfg: DictConfig, show_progress: bool = True,
     forget_sets = ([gmm.subset([i]).sample(int(cfg.formulation.forget_samples), g) for i in unlearn]
                    if "forget_sets" in needs else [])
     evaluator = GMMEvaluator(gmm, unlearn, oracle)
+    concept_mix = gmm.subset(unlearn)
     return UnlearningSetup(
+        concept_judge=evaluator.judge(), concept_data=lambda k, g: concept_mix.sample(int(k), g),
         name="gmm", pretrained=pretrained_frozen, model=model, concepts=concepts,
         concept_names=[f"component {i}" for i in unlearn], forget_sets=forget_sets,
         retain_sampler=gmm.sample,  # the mixture's own data (formulation=fu's retain=model ignores it)
@@ -213,6 +215,25 @@ class GMMEvaluator:
                 out["kl_to_target"] = None
                 out["kl_to_target_note"] = str(exc)
         return out
+
+    def judge(self) -> ConceptJudge:
+        """The exact judge: the nearest component (the share), the posterior of the unlearned
+        components (differentiable), and ``q_i / p`` from the exact densities."""
+        gmm, unl = self.gmm, self.unlearn
+        comp = [gmm.subset([i]) for i in unl]
+
+        def share(x):
+            return float(np.isin(gmm.nearest_component(x.detach().cpu()).numpy(), unl).mean())
+
+        def log_prob(x):
+            lp = gmm.component_log_prob(x)
+            return (torch.logsumexp(lp[:, unl], 1) - torch.logsumexp(lp, 1)).to(x.dtype)
+
+        def expected_likelihood(x):
+            x = x.detach().cpu().to(torch.float64)
+            return torch.exp(torch.stack([q.log_prob(x) for q in comp], 1) - gmm.log_prob(x)[:, None]).mean(0).tolist()
+
+        return ConceptJudge("nearest mixture component (exact densities)", share, log_prob, expected_likelihood)
 
     def save_samples(self, path: Path, samples: torch.Tensor):
         np.save(path, samples.detach().cpu().numpy())

@@ -1,0 +1,159 @@
+"""Attacks on a finished run (relearning, adversarial soft prompts): the two sides are what they claim
+(the pretrained side is the pretrained model exactly, the soft conditions start at the real ones), the
+attacks move the concept, and bad input gets one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_cfg
+
+RELEARN_FAST = ["attack=relearn", "attack.steps=[0,3,12]", "attack.eval_samples=256", "attack.likelihood_samples=64",
+                "progress=false"]
+PROMPT_FAST = ["attack=prompt", "attack.steps=[0,2]", "attack.eval_seeds=8", "attack.batch_size=4",
+               "attack.sampler_steps=2", "attack.images=4", "progress=false"]
+
+
+def _run(tmp_path_factory, name, overrides):
+    import unlearn
+
+    d = tmp_path_factory.mktemp(name)
+    summary = unlearn.run(compose_cfg(overrides), run_dir=d)
+    assert summary["status"] in ("completed", "constraints_violated")
+    return d
+
+
+@pytest.fixture(scope="module")
+def gmm_run(tmp_path_factory):
+    return _run(tmp_path_factory, "gmm_lu", ["model=gmm", "formulation=lu"])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    return _run(tmp_path_factory, "digits_lu", ["model=digits", "formulation=lu"])
+
+
+def _attack(run_dir, overrides):
+    from unlearn.attacks.run import attack, compose
+
+    return attack(compose([f"run_dir={run_dir}", *overrides, "num_threads=1"]))
+
+
+def test_the_pretrained_side_is_the_pretrained_model_and_the_unlearned_side_the_runs(gmm_run):
+    from unlearn.attacks import load_run
+
+    t = load_run(gmm_run)
+    x, tt = torch.randn(64, 2, generator=torch.Generator().manual_seed(1)), torch.full((64,), 300)
+    with torch.no_grad():
+        pre = t.setup.pretrained.eps(x, tt)
+        assert torch.equal(t.use("pretrained").eps(x, tt), pre)
+        unl = t.use("unlearned").eps(x, tt)
+        saved = torch.load(gmm_run / "model.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(t.setup.model.state_dict()[k], v) for k, v in saved.items())
+        assert not torch.allclose(unl, pre)
+        assert torch.equal(t.use("pretrained").eps(x, tt), pre)  # switching back restores it exactly
+
+
+def test_relearning_brings_the_gmm_concept_back_and_the_record_is_reproducible(gmm_run):
+    rec = _attack(gmm_run, RELEARN_FAST)
+    r = rec["result"]
+    after = r["share_after"]
+    assert set(after) == {"0", "3", "12"}
+    assert after["12"] > after["0"] + 0.05  # fine-tuning on the component's samples raises its mass
+    assert r["sanity"]["passed"]
+    assert rec["protocol"]["data"]["source"].startswith("real samples")
+    el = [p["expected_likelihood"] for p in rec["unlearned"]["curve"]]
+    assert el[-1] > el[0]  # exact E[q/p] rises with the share
+    on_disk = json.loads((gmm_run / "attacks" / "relearn.json").read_text())
+    assert on_disk["protocol_id"] == rec["protocol_id"] and on_disk["result"] == json.loads(json.dumps(r))
+    again = _attack(gmm_run, RELEARN_FAST)
+    assert again["result"] == rec["result"]  # seeded: the same numbers again
+
+
+def test_soft_class_label_starts_at_the_real_label(digits_run):
+    from unlearn.attacks import load_run
+    from unlearn.models.diffusers_models import Guidance, recondition
+
+    t = load_run(digits_run)
+    model = t.use("unlearned")
+    soft = t.setup.soft_condition()
+    try:
+        x, tt = torch.randn(6, *model.sample_shape, generator=torch.Generator().manual_seed(0)), torch.full((6,), 500)
+        with torch.no_grad():
+            a = recondition(model, soft.condition(guided=True)).eps(x, tt)
+            b = model.eps(x, tt)  # the retain condition (the unconditional model, guided)
+        assert torch.allclose(a, b, atol=1e-5)
+        with torch.no_grad():
+            soft.vector += torch.randn(soft.vector.shape, generator=torch.Generator().manual_seed(0))
+            c = recondition(model, soft.condition(guided=True)).eps(x, tt)
+        assert not torch.allclose(c, b, atol=1e-3)
+    finally:
+        soft.close()
+    with torch.no_grad():  # hooks removed: the embedding answers as before
+        assert torch.allclose(model.eps(x, tt), b, atol=1e-6)
+    assert isinstance(model.cond, Guidance)
+
+
+def test_prompt_attack_runs_on_digits_and_writes_its_record(digits_run):
+    rec = _attack(digits_run, PROMPT_FAST)
+    r = rec["result"]
+    assert set(r["attack_success_rate"]) == {"classifier", "inversion"}
+    for obj, after in r["attack_success_rate_after"].items():
+        # at step 0 the soft condition is the retain condition: the clean share, same seeds
+        assert after["0"] == pytest.approx(r["clean_share"])
+    assert (digits_run / "attacks" / "prompt.json").exists()
+    assert rec["unlearned"]["objectives"]["classifier"]["condition"]["kind"] == "class embedding"
+
+
+def test_soft_text_prompt_starts_at_the_encoded_prompt():
+    import unlearn
+    from unlearn.train import build
+
+    cfg = compose_cfg(["model=tiny_sd", "formulation=lu"])
+    setup = build(cfg, show_progress=False)[0]
+    soft = setup.soft_condition()
+    with torch.no_grad():
+        g = soft.condition(guided=True)
+        ref = setup.model.cond
+    assert torch.allclose(g.cond, ref.cond, atol=1e-6) and torch.equal(g.uncond, ref.uncond)
+    soft.tokens.data += torch.randn(soft.tokens.shape, generator=torch.Generator().manual_seed(0))  # not a constant: LayerNorm removes one
+    with torch.no_grad():
+        assert not torch.allclose(soft.condition(guided=False), ref.cond, atol=1e-3)
+    assert unlearn is not None
+
+
+def _cli(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "attack.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,key", [
+    ([], "run_dir"),
+    (["run_dir=/nonexistent/run"], "run_dir"),
+    (["run_dir=RUN", "attack=nope"], "attack"),
+    (["run_dir=RUN", "attack=relearn", "attack.lr=-1"], "attack.lr"),
+    (["run_dir=RUN", "attack=prompt"], "no condition"),
+])
+def test_bad_attack_input_is_one_line_and_writes_nothing(gmm_run, tmp_path, args, key):
+    args = [a.replace("RUN", str(gmm_run)) for a in args]
+    before = sorted(p.name for p in (gmm_run / "attacks").glob("*")) if (gmm_run / "attacks").exists() else []
+    r = _cli(args + ["progress=false"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], r.stderr
+    after = sorted(p.name for p in (gmm_run / "attacks").glob("*")) if (gmm_run / "attacks").exists() else []
+    assert after == before
+
+
+def test_relearning_a_composed_score_says_there_is_nothing_to_fine_tune(tmp_path_factory):
+    from unlearn.attacks import AttackError
+
+    d = _run(tmp_path_factory, "gmm_ru", ["model=gmm", "formulation=ru"])
+    with pytest.raises(AttackError, match="composed score"):
+        _attack(d, RELEARN_FAST)

@@ -1,0 +1,105 @@
+"""Trainable conditions of a diffusers UNet: what an adversarial-prompt attack optimises.
+
+:class:`SoftTextPrompt`: the input token embeddings of a text prompt (every position of the
+tokenizer's context), passed through the frozen text encoder, so the UNet sees encoder states of
+a prompt no tokenizer can write. :class:`SoftClassLabel`: a class embedding vector of a
+class-conditional UNet, read through an extra label one past the embedding table.
+
+Both hand out ``condition(guided)``: the condition a :class:`~unlearn.models.diffusers_models.ConditionedView`
+takes (a :class:`Guidance` with the null condition at the model's guidance scale, or the plain
+conditional one), differentiable in :meth:`parameters`. ``close()`` removes what they hooked.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .diffusers_models import Guidance
+
+
+class SoftCondition:
+    kind: str = ""
+
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def condition(self, guided: bool = True):
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+    def close(self) -> None:
+        pass
+
+
+class SoftTextPrompt(SoftCondition):
+    """``prompt``'s token embeddings (1, L, D) as the trainable parameter; the text encoder's token
+    embedding layer is hooked to return them while :meth:`condition` encodes."""
+
+    kind = "text token embeddings"
+
+    def __init__(self, tokenizer, text_encoder, prompt: str, null_cond: torch.Tensor, scale: float, dtype):
+        self.text_encoder, self.prompt, self.null, self.scale, self.dtype = text_encoder, prompt, null_cond, scale, dtype
+        dev = next(text_encoder.parameters()).device
+        self.ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(dev)
+        self.layer = text_encoder.get_input_embeddings()
+        with torch.no_grad():
+            init = self.layer(self.ids).float()
+        self.tokens = nn.Parameter(init.clone())
+
+    def parameters(self):
+        return [self.tokens]
+
+    def condition(self, guided: bool = True):
+        handle = self.layer.register_forward_hook(lambda mod, args, out: self.tokens.to(out.dtype))
+        try:
+            states = self.text_encoder(self.ids)[0].to(self.dtype)
+        finally:
+            handle.remove()
+        return Guidance(states, self.null, self.scale) if guided else states
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "init": self.prompt, "shape": list(self.tokens.shape)}
+
+
+class SoftClassLabel(SoftCondition):
+    """A class embedding vector, initialised at label ``init``'s row, read through the label one past
+    the UNet's embedding table (hooks clamp that label for the lookup and put the vector in its rows)."""
+
+    kind = "class embedding"
+
+    def __init__(self, unet, init: int, null: int, scale: float):
+        emb = unet.class_embedding
+        self.emb, self.init, self.null, self.scale = emb, int(init), int(null), float(scale)
+        self.slot = int(emb.num_embeddings)
+        self.vector = nn.Parameter(emb.weight[self.init].detach().float().clone())
+        self._mask = None
+        self._hooks = [emb.register_forward_pre_hook(self._pre), emb.register_forward_hook(self._post)]
+
+    def _pre(self, mod, args):
+        labels = args[0]
+        self._mask = labels == self.slot
+        return (labels.clamp(max=self.slot - 1),) + tuple(args[1:])
+
+    def _post(self, mod, args, out):
+        mask, self._mask = self._mask, None
+        if mask is None or not bool(mask.any()):
+            return out
+        return torch.where(mask[:, None], self.vector.to(out.dtype)[None], out)
+
+    def parameters(self):
+        return [self.vector]
+
+    def condition(self, guided: bool = True):
+        label = torch.tensor([self.slot])
+        return Guidance(label, torch.tensor([self.null]), self.scale) if guided else label
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "init_label": self.init, "dim": int(self.vector.numel())}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
