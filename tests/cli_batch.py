@@ -1,6 +1,7 @@
 """Run several ``train.py`` command lines in one process (for the one-line-error tests).
 
-``python cli_batch.py CASES.json`` where the file holds ``[{"args": [...], "cwd": "..."}, ...]``;
+``python cli_batch.py CASES.json`` where the file holds ``[{"args": [...], "cwd": "..."}, ...]`` (``"entry":
+"attack"``: the case is an ``attack.py`` command line);
 prints one JSON line ``[{"code": int, "stderr": str}, ...]``. Each case goes through the real entry
 point (``unlearn.cli.main``) with a fresh Hydra state, so exit codes and stderr are what a user sees;
 only the interpreter start-up (torch, Hydra) is shared.
@@ -12,10 +13,13 @@ import os
 import sys
 
 
-def run_case(args, cwd):
+def run_case(args, cwd, entry="train"):
     from hydra.core.global_hydra import GlobalHydra
 
-    from unlearn.cli import main
+    if entry == "attack":
+        from unlearn.attacks.run import main
+    else:
+        from unlearn.cli import main
 
     GlobalHydra.instance().clear()
     old_cwd, old_argv = os.getcwd(), sys.argv
@@ -23,7 +27,7 @@ def run_case(args, cwd):
     code = 0
     try:
         os.chdir(cwd)
-        sys.argv = [str(os.path.join(os.path.dirname(__file__), "..", "train.py")), *args]
+        sys.argv = [str(os.path.join(os.path.dirname(__file__), "..", f"{entry}.py")), *args]
         with contextlib.redirect_stderr(err):
             try:
                 main()
@@ -42,4 +46,4 @@ def run_case(args, cwd):
 
 if __name__ == "__main__":
     cases = json.loads(open(sys.argv[1]).read())
-    print(json.dumps([run_case(c["args"], c["cwd"]) for c in cases]))
+    print(json.dumps([run_case(c["args"], c["cwd"], c.get("entry", "train")) for c in cases]))

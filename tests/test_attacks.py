@@ -4,14 +4,11 @@ attacks move the concept, and bad input gets one line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg
+from conftest import compose_cfg
 
 RELEARN_FAST = ["attack=relearn", "attack.steps=[0,3,12]", "attack.eval_samples=256", "attack.likelihood_samples=64",
                 "progress=false"]
@@ -127,28 +124,25 @@ def test_soft_text_prompt_starts_at_the_encoded_prompt():
     assert unlearn is not None
 
 
-def _cli(args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "attack.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-@pytest.mark.parametrize("args,key", [
+BAD_ATTACKS = [
     ([], "run_dir"),
     (["run_dir=/nonexistent/run"], "run_dir"),
     (["run_dir=RUN", "attack=nope"], "attack"),
     (["run_dir=RUN", "attack=relearn", "attack.lr=-1"], "attack.lr"),
     (["run_dir=RUN", "attack=prompt"], "no condition"),
-])
-def test_bad_attack_input_is_one_line_and_writes_nothing(gmm_run, tmp_path, args, key):
-    args = [a.replace("RUN", str(gmm_run)) for a in args]
-    before = sorted(p.name for p in (gmm_run / "attacks").glob("*")) if (gmm_run / "attacks").exists() else []
-    r = _cli(args + ["progress=false"], tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], r.stderr
-    after = sorted(p.name for p in (gmm_run / "attacks").glob("*")) if (gmm_run / "attacks").exists() else []
-    assert after == before
+]
+
+
+def test_bad_attack_input_is_one_line_and_writes_nothing(gmm_run, tmp_path):
+    from test_cli import run_cli_batch
+
+    listing = lambda: sorted(p.name for p in (gmm_run / "attacks").glob("*")) if (gmm_run / "attacks").exists() else []
+    before = listing()
+    cases = [([a.replace("RUN", str(gmm_run)) for a in args] + ["progress=false"], tmp_path) for args, _ in BAD_ATTACKS]
+    for (args, key), r in zip(BAD_ATTACKS, run_cli_batch(cases, tmp_path, entry="attack")):
+        lines = [ln for ln in r["stderr"].strip().splitlines() if ln.strip()]
+        assert r["code"] == 2 and len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], (args, r)
+    assert listing() == before
 
 
 def test_relearning_a_composed_score_says_there_is_nothing_to_fine_tune(tmp_path_factory):
@@ -157,3 +151,32 @@ def test_relearning_a_composed_score_says_there_is_nothing_to_fine_tune(tmp_path
     d = _run(tmp_path_factory, "gmm_ru", ["model=gmm", "formulation=ru"])
     with pytest.raises(AttackError, match="composed score"):
         _attack(d, RELEARN_FAST)
+
+
+def test_robust_lu_estimates_its_constraint_under_the_advancing_adversarial_condition():
+    import unlearn
+
+    cfg = compose_cfg(["model=digits", "formulation=lu", "formulation.gradient=weighted", "formulation.robust.steps=2",
+                       "formulation.robust.batch_size=2", "formulation.robust.sampler_steps=2"])
+    setup, sampler, f, mu, gen = unlearn.build(cfg)
+    before = [p.detach().clone() for p in f.adversary.soft.parameters()]
+    f.estimate(mu.value())
+    assert len(f.adversary.losses) == 2
+    assert not torch.equal(before[0], f.adversary.soft.parameters()[0])  # the attack moved the condition
+    x, tt = torch.randn(4, *setup.model.sample_shape, generator=torch.Generator().manual_seed(0)), torch.full((4,), 400)
+    with torch.no_grad():
+        assert not torch.allclose(f.adversary.view.eps(x, tt), setup.model.eps(x, tt), atol=1e-4)
+    loss = f.primal_loss(mu.value()).loss  # the weighted primal now also fits the adversarial condition
+    assert torch.isfinite(loss)
+    state = f.state_dict()
+    f.estimate(mu.value())
+    f.load_state_dict(state)  # a resumed run continues from the saved condition
+    assert torch.equal(f.adversary.soft.parameters()[0], state["adversary"]["condition"][0])
+
+
+def test_robust_lu_needs_a_model_with_a_condition():
+    import unlearn
+    from unlearn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="formulation.robust.steps"):
+        unlearn.build(compose_cfg(["model=gmm", "formulation=lu", "formulation.robust.steps=1"]))

@@ -32,17 +32,18 @@ BAD = [
     (["method=fixed", "method.multiplier=-1"], "method.multiplier"),
     (["formulation=lu", "formulation.gradient=magic"], "formulation.gradient"),
     (["formulation=lu", "formulation.weighted_anchor=maybe"], "formulation.weighted_anchor"),
+    (["formulation=lu", "formulation.robust.steps=-1"], "formulation.robust.steps"),
     (["formulation=lu", "formulation.weighted_correction_min_t=-5"], "formulation.weighted_correction_min_t"),
     (["formulation=ru", "formulation.separation_cap=-1"], "formulation.separation_cap"),
     (["formulation=ru", "formulation.separation_cap=2", "formulation.kl_estimator=path"], "formulation.separation_cap"),
 ]
 
 
-def run_cli_batch(cases, tmp_root: Path, timeout=600) -> list[dict]:
-    """Each case ``(args, cwd)`` through the real entry point, all in one subprocess
-    (``tests/cli_batch.py``): ``[{"code", "stderr"}, ...]``."""
+def run_cli_batch(cases, tmp_root: Path, timeout=600, entry: str = "train") -> list[dict]:
+    """Each case ``(args, cwd)`` through the real entry point (``train.py``, or ``attack.py``), all in one
+    subprocess (``tests/cli_batch.py``): ``[{"code", "stderr"}, ...]``."""
     spec = tmp_root / "cases.json"
-    spec.write_text(json.dumps([{"args": list(a), "cwd": str(c)} for a, c in cases]))
+    spec.write_text(json.dumps([{"args": list(a), "cwd": str(c), "entry": entry} for a, c in cases]))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "cli_batch.py"), str(spec)], env=env,
                        capture_output=True, text=True, timeout=timeout)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.diffusers_models import recondition
+from ..models.soft_conditions import ascent_step
 from ..samplers import GaussianSampler
 from ..utils import generator, progress
 from .base import Attack, AttackError, number
@@ -88,15 +89,13 @@ class PromptAttack(Attack, kind="prompt"):
                 if step == checkpoints[-1]:
                     break
                 if objective == "classifier":
-                    view = recondition(model, soft.condition(guided=True))
-                    x0 = fast.sample(view, int(c.batch_size), gen, grad=True).x0
-                    loss = -target.judge.log_prob(x0).mean()
-                else:
-                    x0 = data[torch.randint(0, len(data), (int(c.batch_size),), generator=gen)]
-                    t = torch.randint(0, s.schedule.T, (len(x0),), generator=gen)
-                    noise = torch.randn(x0.shape, generator=gen)
-                    view = recondition(model, soft.condition(guided=False))
-                    loss = F.mse_loss(view.eps(s.schedule.add_noise(x0, noise, t), t), noise)
+                    losses.append(ascent_step(model, soft, target.judge.log_prob, fast, int(c.batch_size), gen, opt))
+                    continue
+                x0 = data[torch.randint(0, len(data), (int(c.batch_size),), generator=gen)]
+                t = torch.randint(0, s.schedule.T, (len(x0),), generator=gen)
+                noise = torch.randn(x0.shape, generator=gen)
+                view = recondition(model, soft.condition(guided=False))
+                loss = F.mse_loss(view.eps(s.schedule.add_noise(x0, noise, t), t), noise)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

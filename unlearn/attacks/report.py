@@ -3,7 +3,8 @@
     python -m unlearn.attacks.report OUT_STEM RUN_DIR [RUN_DIR ...]
 
 writes ``OUT_STEM.csv``, ``OUT_STEM.md`` and ``OUT_STEM.png``: per run, the concept share of the
-pretrained and the unlearned model, the share after each relearning step count, the steps until half
+pretrained and the unlearned model (from the relearning record where there is one: it judges more samples), the
+share after each relearning step count, the steps until half
 the removed share is back, and each prompt objective's attack success rate (and the pretrained
 model's, the sanity check).
 """
@@ -24,7 +25,7 @@ def rows(run_dirs) -> list[dict]:
         recs = {p.stem: json.loads(p.read_text()) for p in sorted((d / "attacks").glob("*.json"))}
         if not recs:
             continue
-        first = next(iter(recs.values()))
+        first = recs.get("relearn") or next(iter(recs.values()))  # relearning judges more samples
         row = {"run": d.name if d.parent.name in ("", ".") else f"{d.parent.name}/{d.name}", **{
             k: first["run"][k] for k in ("model", "formulation", "method")},
             "pretrained_share": first["result"]["pretrained_share"], "clean_share": first["result"]["clean_share"]}
@@ -34,6 +35,8 @@ def rows(run_dirs) -> list[dict]:
                 row[f"{name}@{step}"] = v
             if "steps_to_half_recovery" in r:
                 row[f"{name}: steps to half"] = r["steps_to_half_recovery"]
+            if "attack_success_rate" in r:
+                row[f"{name} clean share"] = r["clean_share"]
             for obj, v in (r.get("attack_success_rate") or {}).items():
                 row[f"{name} {obj} ASR"] = v
                 row[f"{name} {obj} ASR (pretrained)"] = r["pretrained_attack_success_rate"][obj]

@@ -62,7 +62,8 @@ def attack(cfg: DictConfig) -> dict:
     protocol = {"attack": settings, "judge": target.judge.name,
                 "data": sides["unlearned"].get("data"), "sampler": {"kind": target.sampler.kind,
                                                                      "num_steps": target.sampler.num_steps,
-                                                                     "eta": target.sampler.eta}}
+                                                                     "eta": target.sampler.eta},
+                "run_config_filled": getattr(target, "filled", [])}
     s = target.summary
     record = {"attack": str(cfg.attack.kind), "name": str(cfg.attack.name), "run_dir": str(target.run_dir),
               "run": {"model": s.get("model"), "formulation": s.get("formulation"), "method": s.get("method"),

@@ -151,10 +151,43 @@ def load_run(run_dir, cache_dir: str | None = None, num_threads: int | None = No
                           f"run wrote") from None
     if not isinstance(blob, dict) or "state_dict" not in blob or "multipliers" not in blob:
         raise AttackError(f"{path / 'model.pt'}: not a run's weights (no state_dict and multipliers)")
+    cfg, filled = fill_new_keys(cfg)
     torch.manual_seed(int(cfg.seed))
     try:
         setup, sampler, formulation, _, _ = build(cfg, show_progress=show_progress)
     except ConfigAttributeError as exc:  # a config.yaml of another version of unlearn
         raise AttackError(f"{path / 'config.yaml'}: lacks {exc.full_key or exc} (written by another version of "
                           f"unlearn); attack it with that version, or rerun the run with this one") from None
-    return AttackTarget(path, cfg, summary, setup, sampler, formulation, blob)
+    target = AttackTarget(path, cfg, summary, setup, sampler, formulation, blob)
+    target.filled = filled
+    return target
+
+
+def fill_new_keys(cfg):
+    """A run's config with the keys this version added since it was written, at their defaults (the
+    composed config of the run's model, formulation and method; every value the run had wins).
+    Returns the config and the keys filled, which the attack's record lists."""
+    from ..api import compose
+
+    try:
+        base = compose([f"model={cfg.model.name}", f"formulation={cfg.formulation.name}", f"method={cfg.method.name}",
+                        "logger=none"])
+    except Exception:  # noqa: BLE001  (a model or method this version no longer has: use the run's config as it is)
+        return cfg, []
+    have = set(_flat_keys(OmegaConf.to_container(cfg, resolve=False)))
+    new = sorted(k for k in _flat_keys(OmegaConf.to_container(base, resolve=False)) if k not in have
+                 and not any(k.startswith(h + ".") for h in have))
+    if not new:
+        return cfg, []
+    merged = OmegaConf.merge(base, cfg)
+    return merged, new
+
+
+def _flat_keys(d, prefix=""):
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out

@@ -58,6 +58,7 @@ class LikelihoodUnlearning(Formulation):
         self.opt = self.primal_optimizer(self.setup.model.trainable_parameters(), float(self.cfg.primal_lr),
                                          float(self.cfg.weight_decay))
         self.schedule_primal()
+        self.adversary = Adversary(self.cfg.robust, self.setup, self.gen) if int(self.cfg.robust.steps) > 0 else None
 
     @classmethod
     def check_config(cls, cfg, method=None):
@@ -86,6 +87,13 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.gradient must be one of {list(cls.GRADIENTS)} (got {f.gradient!r})")
         if str(f.likelihood) not in cls.LIKELIHOODS:
             raise ConfigError(f"formulation.likelihood must be one of {list(cls.LIKELIHOODS)} (got {f.likelihood!r})")
+        rb = f.robust
+        if isinstance(rb.steps, bool) or not isinstance(rb.steps, int) or rb.steps < 0:
+            raise ConfigError(f"formulation.robust.steps must be an integer >= 0 (0: off; got {rb.steps!r})")
+        if rb.steps > 0 and str(f.gradient) != "weighted":
+            raise ConfigError(f"formulation.robust.steps > 0 needs formulation.gradient=weighted (got {f.gradient!r})")
+        if rb.steps > 0 and not 0.0 <= float(rb.share) < 1.0:
+            raise ConfigError(f"formulation.robust.share must be in [0, 1) (got {rb.share!r})")
         if not isinstance(f.weighted_anchor, bool):
             raise ConfigError(f"formulation.weighted_anchor must be true or false (got {f.weighted_anchor!r})")
         tmin = f.weighted_correction_min_t
@@ -179,13 +187,29 @@ class LikelihoodUnlearning(Formulation):
         self.reference_se, self._reference_n = self.standard_error(), len(self._last_l)
         return values
 
+    def _constrained_model(self):
+        """The model the constraint is estimated on: the trained one under its retain condition, or
+        (``robust.steps > 0``) under the adversarial condition found by a few more attack steps now."""
+        return self.setup.model if self.adversary is None else self.adversary.attack(self.setup.model)
+
     def estimate(self, multipliers):
-        return self._expected_likelihood(self.setup.model)
+        return self._expected_likelihood(self._constrained_model())
 
     def final_estimate(self, multipliers):
         """On ``final_batch_size`` samples (default ``batch_size``): a single batch's estimate is noisy
         (GMM: std about 0.05 at a threshold of 0.1 with 256 samples)."""
-        return self._expected_likelihood(self.setup.model, self.cfg.final_batch_size or None)
+        return self._expected_likelihood(self._constrained_model(), self.cfg.final_batch_size or None)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.adversary is not None:
+            state["adversary"] = self.adversary.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.adversary is not None and "adversary" in state:
+            self.adversary.load_state_dict(state["adversary"])
 
     def finalize(self, multipliers):
         """``final_primal_steps`` more primal steps at the final multipliers (e.g. their average over
@@ -228,6 +252,10 @@ class LikelihoodUnlearning(Formulation):
             logw = -(l[idx] * multipliers[None]).sum(1)
             w = prompt_normalised_weights(logw, [g[idx] for g in self._pool_groups]).to(x.device)
             loss = self._weighted_loss(x[idx], w)
+            if self.adversary is not None and self.adversary.view is not None:
+                # the adversarial condition fitted to the same target: anchored to the retain prompt's
+                share = float(self.cfg.robust.share)
+                loss = (1 - share) * loss + share * self._weighted_loss(x[idx], w, self.adversary.view)
             out = {"ess": (1.0 / (w**2).sum()).item() / m}
         elif self.gradient == "policy":
             traj = self.sampler.sample(model, n, self.gen, cond=cond, record=True)
@@ -255,7 +283,7 @@ class LikelihoodUnlearning(Formulation):
             out = {"penalty": penalty.item(), "kl": kl.mean().item()}
         return PrimalLoss(loss, out)
 
-    def _weighted_loss(self, x0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _weighted_loss(self, x0: torch.Tensor, w: torch.Tensor, model=None) -> torch.Tensor:
         """The weighted primal's loss on pool samples ``x0`` with self-normalised weights ``w``.
 
         Plain (``weighted_anchor: false``): ``sum_j w_j ||eps_theta(x_t^j) - e_j||^2``, minimised by the
@@ -267,8 +295,9 @@ class LikelihoodUnlearning(Formulation):
         (``E[e | x_t] = eps_pre``); uniform weights give ``eps_pre`` itself, so only the reweighting
         moves the model (the first term is the path KL's integrand on the pool's states).
         ``weighted_correction_min_t``: the second term only at ``t >=`` it (below, the pool's
-        posterior is one image, so the term mostly fits that image's noise); the plain loss ignores it."""
-        model, cond, m = self.setup.model, self.setup.cond, x0.shape[0]
+        posterior is one image, so the term mostly fits that image's noise); the plain loss ignores it.
+        ``model``: the trained model under another condition (default: its own), fitted to the same target."""
+        model, cond, m = model if model is not None else self.setup.model, self.setup.cond, x0.shape[0]
         if not self.anchor:
             return (w * denoising_loss(model, x0, self.gen, cond=cond, reduce=False)).sum()
         sched = model.schedule
@@ -379,6 +408,59 @@ class LikelihoodUnlearning(Formulation):
     @classmethod
     def oracle_multipliers(cls, oracle, thresholds):
         return oracle.solve_dual(oracle.lu_dual, thresholds, oracle.lu_upper_bounds(), name=cls.name)
+
+
+class Adversary:
+    """``formulation.robust``: the soft condition of an adversarial-prompt attack (the family's
+    :class:`~unlearn.models.soft_conditions.SoftCondition`, raising its judge's concept score through a
+    few-step deterministic sampler), kept across dual steps and advanced ``robust.steps`` steps before
+    each constraint estimate, so the constraint is ``E[l]`` under the attack's condition. The weighted
+    primal also fits the model under that condition to the retain prompt's target (``robust.share``)."""
+
+    def __init__(self, rc, setup, gen):
+        from ..models.soft_conditions import SoftCondition
+        from ..samplers import GaussianSampler
+
+        judge = setup.concept_judge
+        if setup.soft_condition is None or judge is None or judge.log_prob is None:
+            raise ConfigError(f"formulation.robust.steps > 0 needs a model with a condition to attack and a "
+                              f"differentiable judge of the concepts (model {setup.name} has "
+                              f"{'no condition' if setup.soft_condition is None else 'no such judge'}); accepted: "
+                              f"formulation.robust.steps=0, or model=digits / digits_sd")
+        self.steps, self.batch, self.gen = int(rc.steps), int(rc.batch_size), gen
+        self.log_prob = judge.log_prob
+        self.soft: SoftCondition = setup.soft_condition()
+        self.opt = torch.optim.Adam(self.soft.parameters(), lr=float(rc.lr))
+        self.sampler = GaussianSampler(setup.schedule, num_steps=int(rc.sampler_steps), kind="ddim", eta=0.0)
+        self.view = None
+        self.losses: list[float] = []
+
+    def attack(self, model):
+        from ..models.diffusers_models import recondition
+        from ..models.soft_conditions import ascent_step
+
+        weights = [p for p in model.parameters() if p.requires_grad]
+        for p in weights:  # the model is fixed while the condition learns
+            p.requires_grad_(False)
+        try:
+            for _ in range(self.steps):
+                self.losses.append(ascent_step(model, self.soft, self.log_prob, self.sampler, self.batch, self.gen,
+                                               self.opt))
+        finally:
+            for p in weights:
+                p.requires_grad_(True)
+        with torch.no_grad():
+            self.view = recondition(model, self.soft.condition(guided=True))
+        return self.view
+
+    def state_dict(self) -> dict:
+        return {"condition": [p.detach().clone() for p in self.soft.parameters()], "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.soft.parameters(), state["condition"]):
+                p.copy_(v)
+        self.opt.load_state_dict(state["optimizer"])
 
 
 def reference_ids(table, drawn: torch.Tensor) -> torch.Tensor:

@@ -103,3 +103,17 @@ class SoftClassLabel(SoftCondition):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def ascent_step(model, soft: SoftCondition, log_prob, sampler, batch: int, generator, opt) -> float:
+    """One Adam step of ``soft`` raising ``log_prob`` (the judge's concept score) of ``model``'s samples
+    under it, through ``sampler`` (a few deterministic steps, differentiated end to end). Returns the loss."""
+    from .diffusers_models import recondition
+
+    view = recondition(model, soft.condition(guided=True))
+    x0 = sampler.sample(view, int(batch), generator, grad=True).x0
+    loss = -log_prob(x0).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
