@@ -89,6 +89,15 @@ def test_soft_class_label_starts_at_the_real_label(digits_run):
             soft.vector += torch.randn(soft.vector.shape, generator=torch.Generator().manual_seed(0))
             c = recondition(model, soft.condition(guided=True)).eps(x, tt)
         assert not torch.allclose(c, b, atol=1e-3)
+        other = t.setup.soft_condition()  # a second soft label on the same embedding keeps its own row
+        try:
+            with torch.no_grad():
+                d = recondition(model, other.condition(guided=True)).eps(x, tt)
+                c2 = recondition(model, soft.condition(guided=True)).eps(x, tt)
+            assert other.slot != soft.slot
+            assert torch.allclose(d, b, atol=1e-5) and torch.allclose(c2, c, atol=1e-6)
+        finally:
+            other.close()
     finally:
         soft.close()
     with torch.no_grad():  # hooks removed: the embedding answers as before
@@ -180,3 +189,22 @@ def test_robust_lu_needs_a_model_with_a_condition():
 
     with pytest.raises(ConfigError, match="formulation.robust.steps"):
         unlearn.build(compose_cfg(["model=gmm", "formulation=lu", "formulation.robust.steps=1"]))
+
+
+def test_a_run_written_before_a_config_key_existed_is_attacked_with_its_default(gmm_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from test_cli import run_cli_batch
+
+    old = tmp_path / "old_run"
+    shutil.copytree(gmm_run, old, ignore=shutil.ignore_patterns("attacks"))
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    del cfg["formulation"]["robust"]  # as a run of an earlier version wrote it
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = [f"run_dir={old}", *RELEARN_FAST, "attack.steps=[0,1]", "num_threads=1"]
+    (r,) = run_cli_batch([(args, tmp_path)], tmp_path, entry="attack")  # through attack.py's Hydra app
+    assert r["code"] == 0, r["stderr"][-2000:]
+    rec = json.loads((old / "attacks" / "relearn.json").read_text())
+    assert "formulation.robust.steps" in rec["protocol"]["run_config_filled"]

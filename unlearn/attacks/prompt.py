@@ -115,6 +115,7 @@ class PromptAttack(Attack, kind="prompt"):
             out["pretrained_attack_success_rate"][obj] = pre
             out.setdefault("attack_success_rate_after", {})[obj] = {str(p["step"]): p["attack_success_rate"]
                                                                    for p in r["curve"]}
-            out["sanity"][obj] = {"check": "on the pretrained model the attack reaches its clean concept share",
-                                  "passed": bool(pre >= pre_clean)}
+            out["sanity"][obj] = {"check": "on the pretrained model the attack raises the concept share above its "
+                                           "clean share (or it is at 1 already)",
+                                  "passed": bool(pre > pre_clean or pre_clean >= 0.99)}
         return out

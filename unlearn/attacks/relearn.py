@@ -95,5 +95,5 @@ class Relearn(Attack, kind="relearn"):
                 "share_after": {str(p["step"]): p["share"] for p in unlearned["curve"]},
                 "steps_to_half_recovery": half,
                 "recovered_pretrained_share": any(p["share"] >= pre0 for p in unlearned["curve"][1:]),
-                "sanity": {"check": "relearning the pretrained model keeps or raises its concept share",
-                           "passed": bool(last_pre >= pre0), "pretrained_share_after": last_pre}}
+                "sanity": {"check": "relearning raises the pretrained model's concept share (or it is at 1 already)",
+                           "passed": bool(last_pre > pre0 or pre0 >= 0.99), "pretrained_share_after": last_pre}}

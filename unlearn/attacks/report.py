@@ -26,7 +26,8 @@ def rows(run_dirs) -> list[dict]:
         if not recs:
             continue
         first = recs.get("relearn") or next(iter(recs.values()))  # relearning judges more samples
-        row = {"run": d.name if d.parent.name in ("", ".") else f"{d.parent.name}/{d.name}", **{
+        generic = d.name.split("_")[0] in ("constrained", "baseline") or d.name.isdigit()  # a sweep's job folder
+        row = {"run": f"{d.parent.name}/{d.name}" if generic else d.name, **{
             k: first["run"][k] for k in ("model", "formulation", "method")},
             "pretrained_share": first["result"]["pretrained_share"], "clean_share": first["result"]["clean_share"]}
         for name, rec in recs.items():
@@ -71,24 +72,24 @@ def plot(path: Path, table: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.2))
     for r in table:
-        label = f"{r['model']} {r['formulation']}/{r['method']}"
         steps = sorted((int(k.split("@")[1]), v) for k, v in r.items() if k.startswith("relearn@"))
         if steps:
-            a.plot([s for s, _ in steps], [v for _, v in steps], marker="o", label=label)
+            a.plot([s for s, _ in steps], [v for _, v in steps], marker="o", label=r["run"])
     a.set_xscale("symlog", linthresh=5)
     a.set_xlabel("relearning steps")
     a.set_ylabel("concept share")
     a.set_title("relearning")
     a.legend(fontsize=7)
-    objs = sorted({k for r in table for k in r if k.endswith(" ASR")})
+    prompted = [r for r in table if any(k.endswith(" ASR") for k in r)]
+    objs = sorted({k for r in prompted for k in r if k.endswith(" ASR")})
     width = 0.8 / max(1, len(objs) + 1)
     for j, key in enumerate(["clean_share"] + objs):
-        b.bar([i + j * width for i in range(len(table))], [r.get(key) or 0.0 for r in table], width,
+        b.bar([i + j * width for i in range(len(prompted))], [r.get(key) or 0.0 for r in prompted], width,
               label=key.replace("prompt ", ""))
-    b.set_xticks([i + 0.4 - width / 2 for i in range(len(table))])
-    b.set_xticklabels([f"{r['model']}\n{r['formulation']}/{r['method']}" for r in table], fontsize=7)
+    b.set_xticks([i + 0.4 - width / 2 for i in range(len(prompted))])
+    b.set_xticklabels([r["run"] for r in prompted], fontsize=7, rotation=35, ha="right")
     b.set_ylabel("concept share / attack success rate")
     b.set_title("adversarial soft prompt")
     b.legend(fontsize=7)

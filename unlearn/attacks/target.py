@@ -167,11 +167,15 @@ def fill_new_keys(cfg):
     """A run's config with the keys this version added since it was written, at their defaults (the
     composed config of the run's model, formulation and method; every value the run had wins).
     Returns the config and the keys filled, which the attack's record lists."""
+    from hydra import compose as hydra_compose
+    from hydra.core.global_hydra import GlobalHydra
+
     from ..api import compose
 
-    try:
-        base = compose([f"model={cfg.model.name}", f"formulation={cfg.formulation.name}", f"method={cfg.method.name}",
-                        "logger=none"])
+    overrides = [f"model={cfg.model.name}", f"formulation={cfg.formulation.name}", f"method={cfg.method.name}",
+                 "logger=none"]
+    try:  # inside attack.py's Hydra app the config tree is loaded already
+        base = hydra_compose("train", overrides) if GlobalHydra.instance().is_initialized() else compose(overrides)
     except Exception:  # noqa: BLE001  (a model or method this version no longer has: use the run's config as it is)
         return cfg, []
     have = set(_flat_keys(OmegaConf.to_container(cfg, resolve=False)))

@@ -11,6 +11,8 @@ conditional one), differentiable in :meth:`parameters`. ``close()`` removes what
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -65,29 +67,17 @@ class SoftTextPrompt(SoftCondition):
 
 
 class SoftClassLabel(SoftCondition):
-    """A class embedding vector, initialised at label ``init``'s row, read through the label one past
-    the UNet's embedding table (hooks clamp that label for the lookup and put the vector in its rows)."""
+    """A class embedding vector, initialised at label ``init``'s row, read through a label past the
+    UNet's embedding table. One pair of hooks per embedding serves every soft label on it (each its own
+    label): the lookup sees those labels clamped into the table, and their rows get their vectors."""
 
     kind = "class embedding"
 
     def __init__(self, unet, init: int, null: int, scale: float):
         emb = unet.class_embedding
         self.emb, self.init, self.null, self.scale = emb, int(init), int(null), float(scale)
-        self.slot = int(emb.num_embeddings)
         self.vector = nn.Parameter(emb.weight[self.init].detach().float().clone())
-        self._mask = None
-        self._hooks = [emb.register_forward_pre_hook(self._pre), emb.register_forward_hook(self._post)]
-
-    def _pre(self, mod, args):
-        labels = args[0]
-        self._mask = labels == self.slot
-        return (labels.clamp(max=self.slot - 1),) + tuple(args[1:])
-
-    def _post(self, mod, args, out):
-        mask, self._mask = self._mask, None
-        if mask is None or not bool(mask.any()):
-            return out
-        return torch.where(mask[:, None], self.vector.to(out.dtype)[None], out)
+        self.slot = _SoftLabels.of(emb).add(self)
 
     def parameters(self):
         return [self.vector]
@@ -100,9 +90,50 @@ class SoftClassLabel(SoftCondition):
         return {"kind": self.kind, "init_label": self.init, "dim": int(self.vector.numel())}
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        _SoftLabels.of(self.emb).remove(self)
+
+
+class _SoftLabels:
+    """The soft labels registered on one embedding module and its two hooks."""
+
+    _all: "weakref.WeakKeyDictionary" = None
+
+    @classmethod
+    def of(cls, emb) -> "_SoftLabels":
+        if cls._all is None:
+            cls._all = weakref.WeakKeyDictionary()
+        if emb not in cls._all:
+            cls._all[emb] = cls(emb)
+        return cls._all[emb]
+
+    def __init__(self, emb):
+        self.emb, self.labels, self.hooks, self._masks = emb, {}, [], None
+
+    def add(self, soft) -> int:
+        slot = int(self.emb.num_embeddings) + max([-1, *(s - int(self.emb.num_embeddings) for s in self.labels)]) + 1
+        self.labels[slot] = soft
+        if not self.hooks:
+            self.hooks = [self.emb.register_forward_pre_hook(self._pre), self.emb.register_forward_hook(self._post)]
+        return slot
+
+    def remove(self, soft) -> None:
+        self.labels = {k: v for k, v in self.labels.items() if v is not soft}
+        if not self.labels:
+            for h in self.hooks:
+                h.remove()
+            self.hooks = []
+
+    def _pre(self, mod, args):
+        labels = args[0]
+        self._masks = [(labels == slot, soft) for slot, soft in self.labels.items()]
+        return (labels.clamp(max=int(self.emb.num_embeddings) - 1),) + tuple(args[1:])
+
+    def _post(self, mod, args, out):
+        masks, self._masks = self._masks or [], None
+        for mask, soft in masks:
+            if bool(mask.any()):
+                out = torch.where(mask[:, None], soft.vector.to(out.dtype)[None], out)
+        return out
 
 
 def ascent_step(model, soft: SoftCondition, log_prob, sampler, batch: int, generator, opt) -> float:
