@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def rows(run_dirs) -> list[dict]:
         if not recs:
             continue
         first = recs.get("relearn") or next(iter(recs.values()))  # relearning judges more samples
-        generic = d.name.split("_")[0] in ("constrained", "baseline") or d.name.isdigit()  # a sweep's job folder
+        generic = re.fullmatch(r"[a-z]+_\d+|\d+", d.name) is not None  # a sweep's job folder: name it with its sweep
         row = {"run": f"{d.parent.name}/{d.name}" if generic else d.name, **{
             k: first["run"][k] for k in ("model", "formulation", "method")},
             "pretrained_share": first["result"]["pretrained_share"], "clean_share": first["result"]["clean_share"]}
