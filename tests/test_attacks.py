@@ -70,6 +70,10 @@ def test_relearning_brings_the_gmm_concept_back_and_the_record_is_reproducible(g
     assert on_disk["protocol_id"] == rec["protocol_id"] and on_disk["result"] == json.loads(json.dumps(r))
     again = _attack(gmm_run, RELEARN_FAST)
     assert again["result"] == rec["result"]  # seeded: the same numbers again
+    assert sorted(p.name for p in (gmm_run / "attacks").glob("relearn*")) == ["relearn.json"]
+    other = _attack(gmm_run, RELEARN_FAST + ["attack.lr=3e-3"])  # other settings: the earlier record is kept
+    assert other["protocol_id"] != rec["protocol_id"]
+    assert (gmm_run / "attacks" / f"relearn.{rec['protocol_id']}.json").exists()
 
 
 def test_soft_class_label_starts_at_the_real_label(digits_run):
@@ -208,3 +212,18 @@ def test_a_run_written_before_a_config_key_existed_is_attacked_with_its_default(
     assert r["code"] == 0, r["stderr"][-2000:]
     rec = json.loads((old / "attacks" / "relearn.json").read_text())
     assert "formulation.robust.steps" in rec["protocol"]["run_config_filled"]
+
+
+def test_both_attacks_run_on_the_text_to_image_path(tmp_path_factory):
+    """digits_sd (tiny pretraining): the soft token embeddings through the frozen text encoder, the
+    judge differentiated through the VAE decoder, relearning on VAE-encoded real digits."""
+    d = _run(tmp_path_factory, "digits_sd_lu", ["model=digits_sd", "formulation=lu"])
+    rec = _attack(d, PROMPT_FAST + ["attack.steps=[0,1]"])
+    cls = rec["unlearned"]["objectives"]["classifier"]
+    assert cls["condition"]["kind"] == "text token embeddings" and cls["condition"]["init"] == "a handwritten digit"
+    assert cls["curve"][0]["attack_success_rate"] == pytest.approx(rec["result"]["clean_share"])
+    assert all(v == v for v in cls["loss_first_last"])  # finite: gradients went through decoder and sampler
+    rel = _attack(d, ["attack=relearn", "attack.steps=[0,1]", "attack.eval_samples=8", "attack.likelihood_samples=4",
+                      "attack.likelihood_timesteps=2", "attack.images=4", "attack.batch_size=4", "progress=false"])
+    assert rel["protocol"]["data"]["source"].startswith("real samples")
+    assert len(rel["unlearned"]["curve"]) == 2 and rel["unlearned"]["curve"][1]["expected_likelihood"] > 0

@@ -23,7 +23,8 @@ def rows(run_dirs) -> list[dict]:
     out = []
     for d in run_dirs:
         d = Path(d)
-        recs = {p.stem: json.loads(p.read_text()) for p in sorted((d / "attacks").glob("*.json"))}
+        recs = {p.stem: json.loads(p.read_text()) for p in sorted((d / "attacks").glob("*.json"))
+                if "." not in p.stem}  # <name>.<protocol_id>.json: an earlier record of other settings
         if not recs:
             continue
         first = recs.get("relearn") or next(iter(recs.values()))  # relearning judges more samples

@@ -72,9 +72,23 @@ def attack(cfg: DictConfig) -> dict:
               "protocol": protocol, "protocol_id": protocol_id(protocol), "wall_time_s": round(time.time() - t0, 1)}
     out = target.run_dir / "attacks" / f"{cfg.attack.name}.json"
     out.parent.mkdir(exist_ok=True)
+    keep_other_protocol(out, record["protocol_id"])
     atomic_write_text(out, json.dumps(record, indent=2, default=float))
     print_record(record, out)
     return record
+
+
+def keep_other_protocol(path: Path, protocol: str) -> None:
+    """A record of the same name but another protocol (other settings) is kept as
+    ``<name>.<its protocol_id>.json`` before the new one takes ``<name>.json``."""
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("protocol_id")
+    except Exception:  # noqa: BLE001  (unreadable: keep it under a name that says so)
+        old = "unreadable"
+    if old != protocol:
+        path.rename(path.with_name(f"{path.stem}.{old}.json"))
 
 
 def print_record(record: dict, path: Path, file=sys.stdout) -> None:
