@@ -227,3 +227,24 @@ def test_both_attacks_run_on_the_text_to_image_path(tmp_path_factory):
                       "attack.likelihood_timesteps=2", "attack.images=4", "attack.batch_size=4", "progress=false"])
     assert rel["protocol"]["data"]["source"].startswith("real samples")
     assert len(rel["unlearned"]["curve"]) == 2 and rel["unlearned"]["curve"][1]["expected_likelihood"] > 0
+
+
+def test_data_unlearning_judges_copies_of_the_forget_images():
+    import unlearn
+
+    from unlearn.models.digits import load_digits_splits
+
+    cfg = compose_cfg(["model=digits", "formulation=fu"])
+    setup = unlearn.build(cfg)[0]
+    x = load_digits_splits()["diffusion"][0]
+    idx = list(cfg.model.forget_indices)
+    assert idx
+    judge = setup.concept_judge
+    assert judge.share(x[idx]) == 1.0  # a forget image is its own nearest training image
+    others = torch.ones(len(x), dtype=torch.bool)
+    others[idx] = False
+    assert judge.share(x[others][:200]) == 0.0
+    lp = judge.log_prob(torch.cat([x[idx[:1]], x[others][:1]]))
+    assert lp[0] > lp[1]
+    data = setup.concept_data(8, torch.Generator().manual_seed(0))
+    assert len(data) == len(idx) and judge.share(data) == 1.0  # relearning fine-tunes on the forget images

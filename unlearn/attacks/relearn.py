@@ -47,8 +47,9 @@ class Relearn(Attack, kind="relearn"):
         m = min(int(c.likelihood_samples), len(x))
         if m > 0:
             el = target.expected_likelihood(x[:m], seed + 1, int(c.likelihood_timesteps), int(c.batch_size) * 4)
-            out["expected_likelihood"] = sum(el) / len(el)
-            out["expected_likelihood_per_concept"] = el
+            if el:
+                out["expected_likelihood"] = sum(el) / len(el)
+                out["expected_likelihood_per_concept"] = el
         return out
 
     def run(self, target, side: str) -> dict:

@@ -91,10 +91,12 @@ class AttackTarget:
 
     def expected_likelihood(self, x0: torch.Tensor, seed: int, num_timesteps: int, batch: int) -> list[float]:
         """``E[q_i / p_pre]`` per concept over ``x0``: exact where the judge has densities, else estimated
-        from denoising errors (Lemma 2, as the ``likelihood`` metric)."""
+        from denoising errors (Lemma 2, as the ``likelihood`` metric); ``[]`` without concept models."""
         if self.judge.expected_likelihood is not None:
             return [float(v) for v in self.judge.expected_likelihood(x0)]
         s = self.setup
+        if not s.concepts:  # data unlearning: no concept model to compare with
+            return []
         with torch.no_grad():
             llr = concept_likelihood(x0, s.concepts, s.likelihood_reference or s.pretrained, seed, None, None,
                                      int(num_timesteps), 1, True, int(batch))

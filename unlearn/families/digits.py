@@ -95,6 +95,46 @@ class Digits(DigitsEvaluation, ClassConditional):
     def unlearned_digits(self) -> list[int]:
         return [int(i) for i in self.m.classes.unlearn]
 
+    COPY_SIGMA = 1.0  # pixel-space kernel width of the copy judge's soft log-probability (images in [-1, 1], 8x8)
+
+    def forgotten_images(self) -> torch.Tensor | None:
+        """Data unlearning with ``model.forget_indices``: those training images (model space), else None."""
+        idx = list(self.m.forget_indices or [])
+        return self.dataset()[idx] if "forget_sets" in self.needs and idx else None
+
+    def concept_judge(self):
+        """Concept unlearning: the evaluation network. Data unlearning (``forget_indices``): a sample is a
+        copy when its nearest training image (in pixels) is a forget image; its soft log-probability
+        compares Gaussian kernels (width ``COPY_SIGMA``) on the forget images and on all training images."""
+        from ..setup import ConceptJudge
+
+        forget = self.forgotten_images()
+        if forget is None:
+            return super().concept_judge()
+        data = self.dataset()
+        f, rest = forget.flatten(1), data[self.not_forgotten(len(data))].flatten(1)
+
+        def dists(x0):
+            x = x0.flatten(1).float().cpu()
+            return torch.cdist(x, f), torch.cdist(x, rest)
+
+        def share(x0):
+            d_f, d_r = dists(x0.detach())
+            return float((d_f.min(1).values < d_r.min(1).values).float().mean())
+
+        def log_prob(x0):
+            d_f, d_r = dists(x0)
+            a, b = -d_f**2 / (2 * self.COPY_SIGMA**2), -d_r**2 / (2 * self.COPY_SIGMA**2)
+            return torch.logsumexp(a, 1) - torch.logsumexp(torch.cat([a, b], 1), 1)
+
+        return ConceptJudge(f"nearest training image is one of the {len(f)} forget images (pixels)", share, log_prob)
+
+    def concept_data(self):
+        forget = self.forgotten_images()
+        if forget is None:
+            return super().concept_data()
+        return lambda k, gen: forget[torch.randperm(len(forget), generator=gen)[:int(k)]]
+
     def real_retain_images(self, unlearn_classes: list[int]):
         """The training images without the forget images and the unlearned classes."""
         def images():
