@@ -248,3 +248,24 @@ def test_data_unlearning_judges_copies_of_the_forget_images():
     assert lp[0] > lp[1]
     data = setup.concept_data(8, torch.Generator().manual_seed(0))
     assert len(data) == len(idx) and judge.share(data) == 1.0  # relearning fine-tunes on the forget images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["digits_sd", "digits"])
+def test_attacks_recover_the_concept_on_the_pretrained_model_and_bring_it_back(tmp_path, model):
+    """The real models (pretraining cached), a default LU run, both attacks with their defaults: on the
+    pretrained model relearning and the inversion objective raise the concept share (the sanity check:
+    the attack works), and relearning the unlearned model brings back at least half of what was removed.
+    The classifier objective is not asserted: its path is chaotic (one torch thread instead of two ended
+    the pretrained digits_sd attack at 0.08 instead of 1.00; docs/robustness.md)."""
+    import unlearn
+
+    summary = unlearn.run(compose_cfg([f"model={model}", "formulation=lu", "logger=none", "progress=false"],
+                                      tiny=False), run_dir=tmp_path)
+    assert summary["status"] in ("completed", "constraints_violated")
+    rel = _attack(tmp_path, ["attack=relearn", "progress=false"])["result"]
+    assert rel["sanity"]["passed"] and rel["clean_share"] < rel["pretrained_share"]
+    assert rel["steps_to_half_recovery"] is not None and rel["steps_to_half_recovery"] <= 100
+    pr = _attack(tmp_path, ["attack=prompt", "progress=false"])["result"]
+    assert pr["sanity"]["inversion"]["passed"], pr
+    assert pr["pretrained_attack_success_rate"]["inversion"] >= 0.5  # the pretrained model's concept, on demand
