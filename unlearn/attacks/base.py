@@ -73,3 +73,23 @@ def number(cfg, key: str, kind=float, low=None, what: str | None = None):
         raise AttackError(f"attack.{key} must be {what or ('a number' if kind is float else 'an integer')}"
                           f"{'' if low is None else f' >= {low}'} (got {v!r})")
     return kind(v)
+
+
+def step_counts(cfg, what: str) -> list[int]:
+    """``cfg.steps``: a non-empty list of step counts >= 0 (after which the attack measures), else one line."""
+    steps = cfg.steps
+    try:
+        ok = len(steps) > 0 and all(not isinstance(v, bool) and int(v) == v and v >= 0 for v in steps)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise AttackError(f"attack.steps must be a list of {what} step counts >= 0 (got {steps!r})")
+    return sorted({int(v) for v in steps})
+
+
+def positive(cfg, key: str) -> float:
+    """``cfg[key]`` as a number > 0 (a learning rate), else one :class:`AttackError` line."""
+    v = number(cfg, key, float, 0)
+    if not v > 0:
+        raise AttackError(f"attack.{key} must be > 0 (got {cfg[key]})")
+    return v

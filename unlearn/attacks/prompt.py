@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.diffusers_models import recondition
-from ..models.soft_conditions import ascent_step
+from ..models.soft_conditions import ascent_step, weights_fixed
 from ..samplers import GaussianSampler
 from ..utils import generator, progress
-from .base import Attack, AttackError, number
+from .base import Attack, AttackError, number, positive, step_counts
 
 OBJECTIVES = ("classifier", "inversion")
 
@@ -30,17 +30,10 @@ class PromptAttack(Attack, kind="prompt"):
         obj = list(cfg.objectives) if not isinstance(cfg.objectives, str) else [cfg.objectives]
         if not obj or any(o not in OBJECTIVES for o in obj):
             raise AttackError(f"attack.objectives must list some of {list(OBJECTIVES)} (got {cfg.objectives!r})")
-        steps = cfg.steps
-        try:
-            ok = len(steps) > 0 and all(not isinstance(v, bool) and int(v) == v and v >= 0 for v in steps)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise AttackError(f"attack.steps must be a list of optimisation step counts >= 0 (got {steps!r})")
+        step_counts(cfg, "optimisation")
         for key in ("batch_size", "sampler_steps", "images", "eval_seeds"):
             number(cfg, key, int, 1)
-        if not number(cfg, "lr", float, 0) > 0:
-            raise AttackError(f"attack.lr must be > 0 (got {cfg.lr})")
+        positive(cfg, "lr")
 
     def cannot_run(self, target) -> str | None:
         s = target.setup
@@ -55,19 +48,13 @@ class PromptAttack(Attack, kind="prompt"):
     def run(self, target, side: str) -> dict:
         c, seed = self.cfg, int(self.cfg.seed)
         model = target.use(side)
-        weights = [p for p in model.parameters() if p.requires_grad]
-        for p in weights:  # the model is fixed: only the soft condition learns
-            p.requires_grad_(False)
-        try:
+        with weights_fixed(model):  # the model is fixed: only the soft condition learns
             eval_seed = seed + 1000
             clean = target.judge.share(target.sample(model, int(c.eval_seeds), eval_seed))
             out = {"clean_share": clean, "objectives": {}}
             for obj in (list(c.objectives) if not isinstance(c.objectives, str) else [c.objectives]):
                 out["objectives"][obj] = self._attack(target, model, obj, seed, eval_seed, side)
             return out
-        finally:
-            for p in weights:
-                p.requires_grad_(True)
 
     def _attack(self, target, model, objective: str, seed: int, eval_seed: int, side: str) -> dict:
         c, s = self.cfg, target.setup
@@ -78,7 +65,7 @@ class PromptAttack(Attack, kind="prompt"):
             fast = GaussianSampler(s.schedule, num_steps=int(c.sampler_steps), kind="ddim", eta=0.0)
             data = target.concept_samples(int(c.images), generator(seed))[0] if objective == "inversion" else None
             losses, curve = [], []
-            checkpoints = sorted({int(v) for v in c.steps})
+            checkpoints = step_counts(c, "optimisation")
             for step in progress(range(checkpoints[-1] + 1), desc=f"prompt attack, {objective} ({side})",
                                  enabled=self.show):
                 if step in checkpoints:

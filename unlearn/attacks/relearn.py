@@ -11,27 +11,20 @@ import torch.nn.functional as F
 
 from ..models.base import draw_conditions
 from ..utils import generator, progress
-from .base import Attack, AttackError, number
+from .base import Attack, number, positive, step_counts
 from .target import plain_view
 
 
 class Relearn(Attack, kind="relearn"):
     @classmethod
     def validate(cls, cfg) -> None:
-        steps = cfg.steps
-        try:
-            ok = len(steps) > 0 and all(not isinstance(s, bool) and int(s) == s and s >= 0 for s in steps)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise AttackError(f"attack.steps must be a list of fine-tuning step counts >= 0 (got {steps!r})")
+        step_counts(cfg, "fine-tuning")
         number(cfg, "images", int, 1)
         number(cfg, "batch_size", int, 1)
         number(cfg, "eval_samples", int, 1)
         number(cfg, "likelihood_samples", int, 0)
         number(cfg, "likelihood_timesteps", int, 1)
-        if not number(cfg, "lr", float, 0) > 0:
-            raise AttackError(f"attack.lr must be > 0 (got {cfg.lr})")
+        positive(cfg, "lr")
 
     def cannot_run(self, target) -> str | None:
         if target.composed:
@@ -60,7 +53,7 @@ class Relearn(Attack, kind="relearn"):
         view = plain_view(model)
         schedule = target.setup.schedule
         opt = torch.optim.AdamW(params, lr=float(c.lr), weight_decay=0.0)
-        checkpoints = sorted({int(s) for s in c.steps})
+        checkpoints = step_counts(c, "fine-tuning")
         gen, eval_seed = generator(seed + 1), seed + 1000
         curve, losses = [], []
         bar = progress(range(checkpoints[-1] + 1), desc=f"relearn ({side})", enabled=self.show)

@@ -437,18 +437,12 @@ class Adversary:
 
     def attack(self, model):
         from ..models.diffusers_models import recondition
-        from ..models.soft_conditions import ascent_step
+        from ..models.soft_conditions import ascent_step, weights_fixed
 
-        weights = [p for p in model.parameters() if p.requires_grad]
-        for p in weights:  # the model is fixed while the condition learns
-            p.requires_grad_(False)
-        try:
+        with weights_fixed(model):  # the model is fixed while the condition learns
             for _ in range(self.steps):
                 self.losses.append(ascent_step(model, self.soft, self.log_prob, self.sampler, self.batch, self.gen,
                                                self.opt))
-        finally:
-            for p in weights:
-                p.requires_grad_(True)
         with torch.no_grad():
             self.view = recondition(model, self.soft.condition(guided=True))
         return self.view

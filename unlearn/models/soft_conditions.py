@@ -11,6 +11,7 @@ conditional one), differentiable in :meth:`parameters`. ``close()`` removes what
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -134,6 +135,19 @@ class _SoftLabels:
             if bool(mask.any()):
                 out = torch.where(mask[:, None], soft.vector.to(out.dtype)[None], out)
         return out
+
+
+@contextlib.contextmanager
+def weights_fixed(model):
+    """``model``'s trainable weights without gradients inside (only a soft condition learns), restored after."""
+    weights = [p for p in model.parameters() if p.requires_grad]
+    for p in weights:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in weights:
+            p.requires_grad_(True)
 
 
 def ascent_step(model, soft: SoftCondition, log_prob, sampler, batch: int, generator, opt) -> float:
