@@ -8,13 +8,13 @@ import pytest
 import unlearn
 from unlearn.config import ConfigError
 
-from conftest import TINY, TINY_BY_FORMULATION
+from conftest import TINY, TINY_BY_FORMULATION, WORKER_THREADS
 
 
 def test_run_from_overrides_matches_train(tmp_path, cfg_factory):
     from unlearn.train import train
 
-    a = unlearn.run(TINY + TINY_BY_FORMULATION["ru"] + ["formulation=ru", "train.final_samples=256"], run_dir=tmp_path / "api")
+    a = unlearn.run(TINY + TINY_BY_FORMULATION["ru"] + ["formulation=ru", "train.final_samples=256"] + WORKER_THREADS, run_dir=tmp_path / "api")
     b = train(cfg_factory(["formulation=ru", "train.final_samples=256"]), run_dir=tmp_path / "train")
     assert a["status"] in ("completed", "constraints_violated")
     assert json.loads((tmp_path / "api" / "summary.json").read_text())["multipliers"] == a["multipliers"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, TINY_BY_FORMULATION
+from conftest import ROOT, TINY, TINY_BY_FORMULATION, WORKER_THREADS
 
 
 def run_cli(args, cwd, timeout=600):
@@ -85,7 +85,7 @@ def test_bad_input_in_its_own_process_exits_2(tmp_path):
 def test_multirun_sweep(tmp_path):
     """A sweep through the CLI (single CLI runs: the bad-input case in its own process here; the slow
     kill-and-resume check in tests/test_resume.py)."""
-    tiny = TINY + TINY_BY_FORMULATION["lu"]
+    tiny = TINY + TINY_BY_FORMULATION["lu"] + WORKER_THREADS
     r = run_cli(["-m", "formulation.threshold_factor=0.1,0.3", "hydra.sweep.dir=sweep"] + tiny, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     factors = sorted(json.loads(p.read_text())["threshold_factor"] for p in (tmp_path / "sweep").glob("*/summary.json"))
