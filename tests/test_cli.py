@@ -35,6 +35,8 @@ BAD = [
     (["formulation=lu", "formulation.robust.steps=-1"], "formulation.robust.steps"),
     (["formulation=lu", "formulation.weighted_correction_min_t=-5"], "formulation.weighted_correction_min_t"),
     (["formulation=ru", "formulation.separation_cap=-1"], "formulation.separation_cap"),
+    (["formulation=ru", "formulation.threshold_reference=median"], "formulation.threshold_reference"),
+    (["train.cache_pretrained_eval=sometimes"], "train.cache_pretrained_eval"),
     (["formulation=ru", "formulation.separation_cap=2", "formulation.kl_estimator=path"], "formulation.separation_cap"),
 ]
 

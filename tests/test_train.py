@@ -189,3 +189,26 @@ def test_lu_baseline_draws_its_trajectories_ahead(tmp_path):
     assert s["status"] in FINISHED
     with pytest.raises(ConfigError, match="esd_refresh_every"):  # before any pretraining
         build(compose_cfg(over[:-1] + ["formulation.esd_refresh_every=3"]), show_progress=False)
+
+
+def test_the_pretrained_evaluation_is_stored_once_and_reused_as_computed(tmp_path):
+    """The pretrained side of the final evaluation is the same for every method and threshold: the
+    first run stores it, the next reuses it, and what it reuses is what a run without the cache computes."""
+    base = ["model=digits_sd", "formulation=lu", "model.final_samples=6"]  # 6: a key no other test stores
+
+    def run(name, extra):
+        s = train(compose_cfg(base + extra), run_dir=tmp_path / name)
+        info = json.loads((tmp_path / name / "run_info.json").read_text())["sessions"][-1]
+        return s, info["pretrained_eval"]
+
+    a, ia = run("a", [])
+    b, ib = run("b", ["method=baseline", "formulation.threshold_factor=0.5"])  # LU's baseline: ESD
+    c, ic = run("c", ["method=baseline", "formulation.threshold_factor=0.5", "train.cache_pretrained_eval=false"])
+    d, id_ = run("d", ["seed=1"])
+    assert (ia["cache"], ib["cache"], ic["cache"], id_["cache"]) == ("stored", "reused", "off", "stored")
+    assert ia["key"] == ib["key"] != id_["key"]
+    assert a["pretrained_metrics"] == b["pretrained_metrics"] == c["pretrained_metrics"] != d["pretrained_metrics"]
+    assert a["metrics"] != b["metrics"]  # the unlearned side is each run's own
+    assert (tmp_path / "b" / "pretrained_samples.npy").read_bytes() == (tmp_path / "c" / "pretrained_samples.npy").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "b" / "eval").glob("pretrained_*.png")) == \
+        sorted(p.name for p in (tmp_path / "c" / "eval").glob("pretrained_*.png")) != []

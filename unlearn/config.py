@@ -70,6 +70,8 @@ def validate_config(cfg: DictConfig) -> None:
     fp = str(cfg.train.final_primal)
     if fp not in ("last", "average"):
         raise ConfigError(f"train.final_primal must be one of ['last', 'average'] (got {fp!r})")
+    if not isinstance(cfg.train.cache_pretrained_eval, bool):
+        raise ConfigError(f"train.cache_pretrained_eval must be true or false (got {cfg.train.cache_pretrained_eval!r})")
     if "primal_lr" in cfg.formulation:  # the primal step size (RU: its optional distillation's)
         positive(cfg.formulation.primal_lr, "formulation.primal_lr", "a learning rate > 0")
     if "weight_decay" in cfg.formulation and number("formulation.weight_decay") < 0:

@@ -76,6 +76,10 @@ class ImageEvaluator:
             self.retain_info["score"] = score_kind
         return self._retain
 
+    def use_retain_set(self, images: torch.Tensor, info: dict) -> None:
+        """KID's reference as an earlier, identical run drew it (:mod:`unlearn.reference_cache`)."""
+        self._retain, self.retain_info = images, dict(info)
+
     def context(self, model, step: int, samples: torch.Tensor | None = None) -> EvalContext:
         """``samples``: the run's final samples when they do not come from a sampler of ``model`` (RU's
         importance resampling). The image metrics then see them, and the metrics that follow the

@@ -19,6 +19,7 @@ from .config import ConfigError, validate_config
 from .distributed import get_dist
 from .families import build_setup, family_class
 from .logger import RunLogger
+from . import reference_cache
 from .primal_dual import Diverged, PrimalDual
 from .provenance import device_info, git_state, package_versions, session, split_volatile
 from .samplers import build_sampler
@@ -292,7 +293,8 @@ def solve(plan: Plan, run: Run):
 
 def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
     """Phase 4: final samples of the unlearned and the pretrained model (same seed), their metrics,
-    the samples and the picture. Returns the metrics and the oracle's target for the summary."""
+    the samples and the picture. Returns the metrics and the oracle's target for the summary. The
+    pretrained side comes from the cache where an earlier run stored it (:mod:`unlearn.reference_cache`)."""
     cfg, f, setup, sampler, seed = plan.cfg, run.formulation, run.setup, run.sampler, plan.seed
     n = int(cfg.train.final_samples)
     final = f.final_model(mu)
@@ -300,26 +302,37 @@ def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
     own = samples  # not None: the final samples do not come from `final` (RU's importance resampling)
     if samples is None:
         samples = sampler.sample(final, n, generator(seed + 999), cond=setup.cond).x0.detach()
-    pre_own = f.pretrained_samples(n, generator(seed + 999)) if own is not None else None
-    pre_samples = pre_own if pre_own is not None else \
-        sampler.sample(setup.pretrained, n, generator(seed + 999), cond=setup.cond).x0.detach()
+    key = reference_cache.cache_key(cfg) if own is None else None  # RU's resampled pool is the formulation's
+    ref = reference_cache.load(cfg, key)
+    if ref is not None and run.evaluator is not None:
+        run.evaluator.use_retain_set(ref["retain"], ref["retain_info"])
     target = f.oracle_target(mu)
-    metrics, pre_metrics, metric_info = {}, {}, {}
+    metrics, metric_info = {}, {}
     if setup.evaluate is not None:
         metrics = setup.evaluate(samples, target.formulation if target else None, target.multipliers if target else None,
                                  model=final)
-        pre_metrics = setup.evaluate(pre_samples, None, None, model=setup.pretrained)
     metrics = {**f.final_metrics(mu), **metrics}  # e.g. RU's importance-weighted KL; measured ones win
-    if own is not None:
-        pre_metrics = {**f.final_metrics(torch.zeros_like(mu)), **pre_metrics}
     if run.evaluator is not None:
         suite_metrics, results = run.evaluator.evaluate(final, plan.dual_steps, "final", own)
         metrics = {**metrics, **suite_metrics}
-        pre_metrics = {**pre_metrics, **run.evaluator.evaluate(setup.pretrained, 0, "pretrained", pre_own)[0]}
+    reused = ref is not None
+    if not reused:
+        ref = pretrained_side(plan, run, own, n)
+        reference_cache.store(cfg, key, ref)
+    else:
+        reference_cache.write_pictures(plan.run_dir, ref["pictures"])
+    pre_samples, pre_metrics = ref["samples"], dict(ref["metrics"])
+    if own is not None:
+        pre_metrics = {**f.final_metrics(torch.zeros_like(mu)), **pre_metrics}
+    if run.evaluator is not None:
+        pre_metrics = {**pre_metrics, **ref["suite_metrics"]}
         metric_info = {"metric_status": {k: r.get("status") for k, r in results.items()},
                        "metrics_missing": {k: r.get("reason") for k, r in results.items() if r.get("status") != "ok"},
                        "metric_protocols": {k: r.get("protocol") for k, r in results.items() if r.get("protocol")},
                        "retain_set": run.evaluator.retain_info}
+    # where the pretrained side came from: run_info.json (summaries do not depend on the cache)
+    run.run_info["sessions"][-1]["pretrained_eval"] = {"cache": "off" if key is None else ("reused" if reused else "stored"),
+                                                       "key": key}
     if setup.save_samples is not None:
         setup.save_samples(plan.run_dir / "samples.npy", samples)
         setup.save_samples(plan.run_dir / "pretrained_samples.npy", pre_samples)
@@ -329,6 +342,23 @@ def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
                    target.multipliers if target else [float(v) for v in mu], title=title,
                    trained=f.has_primal or bool(extra.get("distill_kl")))  # RU dual-only: nothing was trained
     return {"metrics": metrics, "pretrained_metrics": pre_metrics, "metric_info": metric_info, "target": target}
+
+
+def pretrained_side(plan: Plan, run: Run, own, n: int) -> dict:
+    """The pretrained model's samples (the final samples' seed) and their evaluation: what
+    :func:`finalise` compares the unlearned model with, and what the cache keeps."""
+    f, setup, sampler, seed = run.formulation, run.setup, run.sampler, plan.seed
+    pre_own = f.pretrained_samples(n, generator(seed + 999)) if own is not None else None
+    pre_samples = pre_own if pre_own is not None else \
+        sampler.sample(setup.pretrained, n, generator(seed + 999), cond=setup.cond).x0.detach()
+    side = {"samples": pre_samples, "metrics": {}, "suite_metrics": {}, "pictures": {}}
+    if setup.evaluate is not None:
+        side["metrics"] = setup.evaluate(pre_samples, None, None, model=setup.pretrained)
+    if run.evaluator is not None:
+        side["suite_metrics"] = run.evaluator.evaluate(setup.pretrained, 0, "pretrained", pre_own)[0]
+        side["retain"], side["retain_info"] = run.evaluator.retain_images(), run.evaluator.retain_info
+        side["pictures"] = reference_cache.eval_pictures(plan.run_dir, "pretrained_")
+    return side
 
 
 def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dict) -> dict:
@@ -359,8 +389,8 @@ def write_outputs(plan: Plan, run: Run, mu, values, thr, extra: dict, final: dic
     if setup.oracle is not None and bool(cfg.train.oracle_multipliers) and f.oracle_comparable:
         try:
             given = f.cfg.thresholds
-            exact_b = (np.asarray([float(v) for v in given]) if given is not None
-                       else f.oracle_thresholds(setup.oracle, f.factor))
+            exact_b = (np.asarray([float(v) for v in given]) if given is not None  # the run's own rule on exact values
+                       else f.factor_thresholds(torch.as_tensor(f.oracle_pretrained_values(setup.oracle))).numpy())
             summary["oracle"] = {"thresholds": exact_b.tolist(),
                                  "multipliers": f.oracle_multipliers(setup.oracle, exact_b).tolist()}
         except ValueError as exc:

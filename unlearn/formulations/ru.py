@@ -105,6 +105,9 @@ class ReverseKLUnlearning(Formulation):
                               f"is KL(p || q_i) >= factor x the mean pretrained KL: the separation from the concepts "
                               f"must grow, a factor <= 1 is met on average by the pretrained model itself; "
                               f"got {cfg.formulation.threshold_factor})")
+        ref = str(cfg.formulation.threshold_reference)
+        if ref not in cls.REFERENCES:
+            raise ConfigError(f"formulation.threshold_reference must be one of {list(cls.REFERENCES)} (got {ref!r})")
         est, fin = str(cfg.formulation.kl_estimator), str(cfg.formulation.final_samples)
         if est not in cls.ESTIMATORS:
             raise ConfigError(f"formulation.kl_estimator must be one of {list(cls.ESTIMATORS)} (got {est!r})")
@@ -145,6 +148,7 @@ class ReverseKLUnlearning(Formulation):
         return eta / (1 + eta.sum())
 
     ESTIMATORS = ("path", "ratio")
+    REFERENCES = ("mean", "each")
     FINALS = ("composed", "resample")
 
     def constraint_names(self):
@@ -313,7 +317,10 @@ class ReverseKLUnlearning(Formulation):
         return self._kl_to_concepts(self.setup.pretrained)
 
     def factor_thresholds(self, pretrained):
-        # paper: a shared factor on the average pretrained-to-concept KL
+        """The paper's: ``threshold_factor`` times the mean pretrained-to-concept KL, one value for every
+        concept; ``threshold_reference: each``: times each concept's own pretrained KL."""
+        if str(self.cfg.threshold_reference) == "each":
+            return self.factor * pretrained
         return torch.full_like(pretrained, self.factor * float(pretrained.mean()))
 
     def estimate(self, multipliers):
