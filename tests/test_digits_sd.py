@@ -63,6 +63,8 @@ def test_a_run_starts_from_the_callers_pipeline_object(tmp_path):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     s2 = unlearn.run(compose_cfg(overrides), tmp_path / "from_pipe", pipeline=pipe)
     assert s2["setup"]["model_path"] == "pipeline object (StableDiffusionPipeline)"
+    info = json.loads((tmp_path / "from_pipe" / "run_info.json").read_text())["sessions"][-1]
+    assert info["pretrained_eval"]["cache"] == "off"  # the caller's weights are outside any cache key
     after = pipe.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     a = load_file(tmp_path / "from_path" / "pytorch_lora_weights.safetensors")

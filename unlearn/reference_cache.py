@@ -10,8 +10,9 @@ The key covers the resolved config except the keys that cannot reach the pretrai
 (:data:`NOT_PRETRAINED`: the method, the thresholds, the number of dual steps, what
 :data:`unlearn.checkpoint.RUNTIME_KEYS` lists), the size and time of every file the config names
 (a local model folder, forget images, a retain folder), the source of this package and the
-versions of the numerical libraries. A model named only by a hub id is not cached: its weights are
-outside the key.
+versions of the numerical libraries, the setup's weight folder, which metric weights loaded (with
+their records) and the device with its thread count. A model named only by a hub id, or given as a
+pipeline object to :func:`unlearn.run`, is not cached: its weights are outside the key.
 """
 from __future__ import annotations
 
@@ -64,18 +65,32 @@ def _files(node, out: list, name: str = ""):
             out.append((str(f), s.st_size, s.st_mtime_ns))
 
 
-def cache_key(cfg: DictConfig) -> str | None:
-    """The key of the pretrained side of ``cfg``'s run, or None where it is not cached."""
-    if not bool(cfg.train.cache_pretrained_eval) or OmegaConf.select(cfg, "model.hub_id"):
+def cache_key(cfg: DictConfig, setup_info: dict | None = None, evaluator=None, device: dict | None = None) -> str | None:
+    """The key of the pretrained side of ``cfg``'s run, or None where it is not cached (switched off,
+    a model given by a hub id, or a pipeline object handed to :func:`unlearn.run`). ``setup_info``: the
+    setup's stable info (its weight folder's files enter the key); ``evaluator``: which metric weights
+    loaded, with their records; ``device``: the device, its name and the torch threads."""
+    from .families.diffusers_family import _PIPELINE
+
+    if not bool(cfg.train.cache_pretrained_eval) or OmegaConf.select(cfg, "model.hub_id") or _PIPELINE.get() is not None:
         return None
     import diffusers
+    import numpy
     import peft
+    import transformers
 
     resolved = _drop(OmegaConf.to_container(cfg, resolve=True), NOT_PRETRAINED)
     files: list = []
     _files(resolved, files)
-    return config_hash({"version": VERSION, "config": resolved, "files": files, "code": _code_hash(),
-                        "libraries": [torch.__version__, diffusers.__version__, peft.__version__]})
+    _files(setup_info or {}, files)
+    metric_weights = None
+    if evaluator is not None:
+        suite = evaluator.suite
+        metric_weights = {"loaded": sorted(suite._loaded), "records": suite._records}
+    return config_hash({"version": VERSION, "config": resolved, "files": sorted(set(files)), "code": _code_hash(),
+                        "libraries": [torch.__version__, diffusers.__version__, peft.__version__,
+                                      transformers.__version__, numpy.__version__],
+                        "metric_weights": metric_weights, "device": device})
 
 
 def _path(cfg: DictConfig, key: str) -> Path:
@@ -87,7 +102,7 @@ def load(cfg: DictConfig, key: str | None) -> dict | None:
     if key is None or not _path(cfg, key).exists():
         return None
     try:
-        return torch.load(_path(cfg, key), map_location="cpu", weights_only=False)
+        return torch.load(_path(cfg, key), map_location="cpu", weights_only=True)
     except Exception as e:  # a broken cache file is recomputed, never trusted
         log.warning("pretrained evaluation cache %s unreadable (%s): recomputing", _path(cfg, key), e)
         return None

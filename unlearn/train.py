@@ -302,7 +302,9 @@ def finalise(plan: Plan, run: Run, mu, extra: dict) -> dict:
     own = samples  # not None: the final samples do not come from `final` (RU's importance resampling)
     if samples is None:
         samples = sampler.sample(final, n, generator(seed + 999), cond=setup.cond).x0.detach()
-    key = reference_cache.cache_key(cfg) if own is None else None  # RU's resampled pool is the formulation's
+    device = {k: run.run_info.get(k) for k in ("device", "device_name", "torch_threads")}
+    key = (reference_cache.cache_key(cfg, run.stable_info, run.evaluator, device)
+           if own is None else None)  # RU's resampled pool is the formulation's
     ref = reference_cache.load(cfg, key)
     if ref is not None and run.evaluator is not None:
         run.evaluator.use_retain_set(ref["retain"], ref["retain_info"])
