@@ -121,6 +121,7 @@ def eval_pictures(run_dir: Path, prefix: str) -> dict[str, bytes]:
 
 def write_pictures(run_dir: Path, pictures: dict[str, bytes]) -> None:
     folder = Path(run_dir) / "eval"
-    for name, data in pictures.items():
+    if pictures:
         folder.mkdir(parents=True, exist_ok=True)
+    for name, data in pictures.items():
         (folder / name).write_bytes(data)
