@@ -120,6 +120,15 @@ def test_prompt_attack_runs_on_digits_and_writes_its_record(digits_run):
     assert rec["unlearned"]["objectives"]["classifier"]["condition"]["kind"] == "class embedding"
 
 
+def test_the_prompt_attack_keeps_its_condition_within_the_radius(digits_run):
+    fast = PROMPT_FAST + ["attack.lr=1.0"]
+    free = _attack(digits_run, fast + ["attack.name=prompt_free"])["unlearned"]["objectives"]
+    bound = _attack(digits_run, fast + ["attack.radius=0.05", "attack.name=prompt_r"])["unlearned"]["objectives"]
+    for obj in ("classifier", "inversion"):
+        assert free[obj]["distance"] > 0.1  # unbounded, two steps at lr 1 move it well past the budget
+        assert 0.02 < bound[obj]["distance"] <= 0.05 + 1e-6
+
+
 def test_soft_text_prompt_starts_at_the_encoded_prompt():
     import unlearn
     from unlearn.train import build
@@ -143,6 +152,7 @@ BAD_ATTACKS = [
     (["run_dir=RUN", "attack=nope"], "attack"),
     (["run_dir=RUN", "attack=relearn", "attack.lr=-1"], "attack.lr"),
     (["run_dir=RUN", "attack=prompt"], "no condition"),
+    (["run_dir=RUN", "attack=prompt", "attack.radius=-0.1"], "attack.radius"),
 ]
 
 
@@ -176,6 +186,7 @@ def test_robust_lu_estimates_its_constraint_under_the_advancing_adversarial_cond
     f.estimate(mu.value())
     assert len(f.adversary.losses) == 2
     assert not torch.equal(before[0], f.adversary.soft.parameters()[0])  # the attack moved the condition
+    assert f.adversary.radius is None
     x, tt = torch.randn(4, *setup.model.sample_shape, generator=torch.Generator().manual_seed(0)), torch.full((4,), 400)
     with torch.no_grad():
         assert not torch.allclose(f.adversary.view.eps(x, tt), setup.model.eps(x, tt), atol=1e-4)
@@ -185,6 +196,20 @@ def test_robust_lu_estimates_its_constraint_under_the_advancing_adversarial_cond
     f.estimate(mu.value())
     f.load_state_dict(state)  # a resumed run continues from the saved condition
     assert torch.equal(f.adversary.soft.parameters()[0], state["adversary"]["condition"][0])
+
+
+def test_robust_lu_keeps_its_adversary_within_the_radius():
+    import unlearn
+
+    cfg = compose_cfg(["model=digits", "formulation=lu", "formulation.gradient=weighted", "formulation.robust.steps=3",
+                       "formulation.robust.batch_size=2", "formulation.robust.sampler_steps=2",
+                       "formulation.robust.lr=1.0", "formulation.robust.radius=0.02"])
+    f = unlearn.build(cfg)[2]
+    f.estimate(torch.zeros(f.num_constraints))
+    soft = f.adversary.soft
+    o = soft.origin[0]
+    rows = (soft.parameters()[0] - o).norm(dim=-1) / o.norm(dim=-1)
+    assert 0.01 < float(rows.max()) <= 0.02 + 1e-6 and soft.distance() == pytest.approx(float(rows.max()))
 
 
 def test_robust_lu_needs_a_model_with_a_condition():

@@ -33,6 +33,8 @@ BAD = [
     (["formulation=lu", "formulation.gradient=magic"], "formulation.gradient"),
     (["formulation=lu", "formulation.weighted_anchor=maybe"], "formulation.weighted_anchor"),
     (["formulation=lu", "formulation.robust.steps=-1"], "formulation.robust.steps"),
+    (["formulation=lu", "formulation.gradient=weighted", "formulation.robust.steps=1", "formulation.robust.radius=0"],
+     "formulation.robust.radius"),
     (["formulation=lu", "formulation.weighted_correction_min_t=-5"], "formulation.weighted_correction_min_t"),
     (["formulation=ru", "formulation.separation_cap=-1"], "formulation.separation_cap"),
     (["formulation=ru", "formulation.threshold_reference=median"], "formulation.threshold_reference"),

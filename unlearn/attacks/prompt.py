@@ -34,6 +34,7 @@ class PromptAttack(Attack, kind="prompt"):
         for key in ("batch_size", "sampler_steps", "images", "eval_seeds"):
             number(cfg, key, int, 1)
         positive(cfg, "lr")
+        radius(cfg)
 
     def cannot_run(self, target) -> str | None:
         s = target.setup
@@ -64,6 +65,7 @@ class PromptAttack(Attack, kind="prompt"):
             gen = generator(seed + 7)
             fast = GaussianSampler(s.schedule, num_steps=int(c.sampler_steps), kind="ddim", eta=0.0)
             data = target.concept_samples(int(c.images), generator(seed))[0] if objective == "inversion" else None
+            bound = radius(c)
             losses, curve = [], []
             checkpoints = step_counts(c, "optimisation")
             for step in progress(range(checkpoints[-1] + 1), desc=f"prompt attack, {objective} ({side})",
@@ -76,7 +78,8 @@ class PromptAttack(Attack, kind="prompt"):
                 if step == checkpoints[-1]:
                     break
                 if objective == "classifier":
-                    losses.append(ascent_step(model, soft, target.judge.log_prob, fast, int(c.batch_size), gen, opt))
+                    losses.append(ascent_step(model, soft, target.judge.log_prob, fast, int(c.batch_size), gen, opt,
+                                              bound))
                     continue
                 x0 = data[torch.randint(0, len(data), (int(c.batch_size),), generator=gen)]
                 t = torch.randint(0, s.schedule.T, (len(x0),), generator=gen)
@@ -86,9 +89,11 @@ class PromptAttack(Attack, kind="prompt"):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                soft.project(bound)
                 losses.append(float(loss.detach()))
             return {"attack_success_rate": curve[-1]["attack_success_rate"], "curve": curve,
-                    "loss_first_last": [losses[0], losses[-1]] if losses else [], "condition": soft.describe()}
+                    "loss_first_last": [losses[0], losses[-1]] if losses else [], "condition": soft.describe(),
+                    "distance": soft.distance()}
         finally:
             soft.close()
 
@@ -106,3 +111,14 @@ class PromptAttack(Attack, kind="prompt"):
                                            "clean share (or it is at 1 already)",
                                   "passed": bool(pre > pre_clean or pre_clean >= 0.99)}
         return out
+
+
+def radius(cfg) -> float | None:
+    """``attack.radius``: null (unbounded) or a number > 0, each row of the soft condition kept within
+    that many times its starting norm of the retain condition (:meth:`SoftCondition.project`)."""
+    v = cfg.radius
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise AttackError(f"attack.radius must be null (unbounded) or a number > 0 (got {v!r})")
+    return float(v)

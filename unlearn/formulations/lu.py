@@ -94,6 +94,9 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.robust.steps > 0 needs formulation.gradient=weighted (got {f.gradient!r})")
         if rb.steps > 0 and not 0.0 <= float(rb.share) < 1.0:
             raise ConfigError(f"formulation.robust.share must be in [0, 1) (got {rb.share!r})")
+        r = rb.radius
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0):
+            raise ConfigError(f"formulation.robust.radius must be null (unbounded) or a number > 0 (got {r!r})")
         if not isinstance(f.weighted_anchor, bool):
             raise ConfigError(f"formulation.weighted_anchor must be true or false (got {f.weighted_anchor!r})")
         tmin = f.weighted_correction_min_t
@@ -428,6 +431,7 @@ class Adversary:
                               f"{'no condition' if setup.soft_condition is None else 'no such judge'}); accepted: "
                               f"formulation.robust.steps=0, or model=digits / digits_sd")
         self.steps, self.batch, self.gen = int(rc.steps), int(rc.batch_size), gen
+        self.radius = None if rc.radius is None else float(rc.radius)
         self.log_prob = judge.log_prob
         self.soft: SoftCondition = setup.soft_condition()
         self.opt = torch.optim.Adam(self.soft.parameters(), lr=float(rc.lr))
@@ -442,7 +446,7 @@ class Adversary:
         with weights_fixed(model):  # the model is fixed while the condition learns
             for _ in range(self.steps):
                 self.losses.append(ascent_step(model, self.soft, self.log_prob, self.sampler, self.batch, self.gen,
-                                               self.opt))
+                                               self.opt, self.radius))
         with torch.no_grad():
             self.view = recondition(model, self.soft.condition(guided=True))
         return self.view

@@ -21,10 +21,35 @@ from .diffusers_models import Guidance
 
 
 class SoftCondition:
+    """A trainable condition started at ``origin`` (the retain condition's values). ``project(radius)``
+    keeps each row (a token's embedding, the class vector) within ``radius`` times its starting norm of
+    where it started: a perturbation budget, as adversarial training states its threat model."""
+
     kind: str = ""
+    origin: list[torch.Tensor]
 
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def _set_origin(self) -> None:
+        self.origin = [p.detach().clone() for p in self.parameters()]
+
+    @torch.no_grad()
+    def project(self, radius: float | None) -> None:
+        """Each row of every parameter back into the L2 ball of ``radius`` times its starting norm
+        around its start (``None``: unbounded)."""
+        if radius is None:
+            return
+        for p, o in zip(self.parameters(), self.origin):
+            d = p - o
+            cap = float(radius) * o.norm(dim=-1, keepdim=True)
+            p.copy_(o + d * (cap / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+
+    @torch.no_grad()
+    def distance(self) -> float:
+        """The largest row's distance from its start, relative to its starting norm."""
+        return max(float(((p - o).norm(dim=-1) / o.norm(dim=-1).clamp_min(1e-12)).max())
+                   for p, o in zip(self.parameters(), self.origin))
 
     def condition(self, guided: bool = True):
         raise NotImplementedError
@@ -51,6 +76,7 @@ class SoftTextPrompt(SoftCondition):
         with torch.no_grad():
             init = self.layer(self.ids).float()
         self.tokens = nn.Parameter(init.clone())
+        self._set_origin()
 
     def parameters(self):
         return [self.tokens]
@@ -78,6 +104,7 @@ class SoftClassLabel(SoftCondition):
         emb = unet.class_embedding
         self.emb, self.init, self.null, self.scale = emb, int(init), int(null), float(scale)
         self.vector = nn.Parameter(emb.weight[self.init].detach().float().clone())
+        self._set_origin()
         self.slot = _SoftLabels.of(emb).add(self)
 
     def parameters(self):
@@ -150,9 +177,11 @@ def weights_fixed(model):
             p.requires_grad_(True)
 
 
-def ascent_step(model, soft: SoftCondition, log_prob, sampler, batch: int, generator, opt) -> float:
+def ascent_step(model, soft: SoftCondition, log_prob, sampler, batch: int, generator, opt,
+                radius: float | None = None) -> float:
     """One Adam step of ``soft`` raising ``log_prob`` (the judge's concept score) of ``model``'s samples
-    under it, through ``sampler`` (a few deterministic steps, differentiated end to end). Returns the loss."""
+    under it, through ``sampler`` (a few deterministic steps, differentiated end to end), projected back
+    into its ``radius`` (:meth:`SoftCondition.project`). Returns the loss."""
     from .diffusers_models import recondition
 
     view = recondition(model, soft.condition(guided=True))
@@ -161,4 +190,5 @@ def ascent_step(model, soft: SoftCondition, log_prob, sampler, batch: int, gener
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    soft.project(radius)
     return float(loss.detach())
