@@ -76,6 +76,22 @@ def test_relearning_brings_the_gmm_concept_back_and_the_record_is_reproducible(g
     assert (gmm_run / "attacks" / f"relearn.{rec['protocol_id']}.json").exists()
 
 
+def test_the_report_tables_each_run_with_its_cost(gmm_run, tmp_path):
+    import csv
+
+    from unlearn.attacks.report import main
+
+    rec = _attack(gmm_run, RELEARN_FAST)
+    assert main([str(tmp_path / "rob"), str(gmm_run), str(tmp_path)]) == 0  # a folder without records is left out
+    (row,) = list(csv.DictReader(open(tmp_path / "rob.csv")))
+    summary = json.loads((gmm_run / "summary.json").read_text())
+    assert float(row["kl_to_pretrained"]) == pytest.approx(summary["metrics"]["kl_to_pretrained"])
+    assert row["constraints_met"] == str(summary["constraints_met"])
+    assert float(row["relearn@12"]) == pytest.approx(rec["result"]["share_after"]["12"])
+    assert (tmp_path / "rob.png").stat().st_size > 0 and (tmp_path / "rob.md").read_text().count("\n") == 3
+    assert main([str(tmp_path / "none"), str(tmp_path)]) == 2
+
+
 def test_soft_class_label_starts_at_the_real_label(digits_run):
     from unlearn.attacks import load_run
     from unlearn.models.diffusers_models import Guidance, recondition

@@ -6,7 +6,8 @@ writes ``OUT_STEM.csv``, ``OUT_STEM.md`` and ``OUT_STEM.png``: per run, the conc
 pretrained and the unlearned model (from the relearning record where there is one: it judges more samples), the
 share after each relearning step count, the steps until half
 the removed share is back, and each prompt objective's attack success rate (and the pretrained
-model's, the sanity check).
+model's, the sanity check), beside the run's cost (KL to the pretrained model, KID) and whether its
+constraints held.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-COLUMNS = ("run", "model", "formulation", "method", "pretrained_share", "clean_share")
+COLUMNS = ("run", "model", "formulation", "method", "pretrained_share", "clean_share", "kl_to_pretrained", "kid",
+           "constraints_met")
+COST = ("kl_to_pretrained", "kid")  # what the unlearning cost, from the run's summary.json
 
 
 def rows(run_dirs) -> list[dict]:
@@ -32,6 +35,9 @@ def rows(run_dirs) -> list[dict]:
         row = {"run": f"{d.parent.name}/{d.name}" if generic else d.name, **{
             k: first["run"][k] for k in ("model", "formulation", "method")},
             "pretrained_share": first["result"]["pretrained_share"], "clean_share": first["result"]["clean_share"]}
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        row.update({k: (summary.get("metrics") or {}).get(k) for k in COST})
+        row["constraints_met"] = summary.get("constraints_met")
         for name, rec in recs.items():
             r = rec["result"]
             for step, v in (r.get("share_after") or {}).items():
