@@ -136,6 +136,19 @@ def test_prompt_attack_runs_on_digits_and_writes_its_record(digits_run):
     assert rec["unlearned"]["objectives"]["classifier"]["condition"]["kind"] == "class embedding"
 
 
+def test_relearning_under_the_concepts_own_label_fine_tunes_that_label(digits_run):
+    fast = ["attack=relearn", "attack.steps=[0,4]", "attack.eval_samples=64", "attack.likelihood_samples=0",
+            "progress=false"]
+    retain = _attack(digits_run, fast + ["attack.name=relearn_retain"])
+    concept = _attack(digits_run, fast + ["attack.condition=concept", "attack.name=relearn_concept"])
+    assert concept["unlearned"]["data"]["condition"] == "concept"
+    assert concept["protocol_id"] != retain["protocol_id"]
+    c0, r0 = concept["unlearned"]["curve"], retain["unlearned"]["curve"]
+    assert c0[0]["share"] == r0[0]["share"]  # the same model before fine-tuning
+    # the fine-tuning itself differs: same data and seeds, another label in the denoising loss
+    assert concept["unlearned"]["loss_first_last"] != retain["unlearned"]["loss_first_last"]
+
+
 def test_the_prompt_attack_keeps_its_condition_within_the_radius(digits_run):
     fast = PROMPT_FAST + ["attack.lr=1.0"]
     free = _attack(digits_run, fast + ["attack.name=prompt_free"])["unlearned"]["objectives"]
@@ -169,6 +182,8 @@ BAD_ATTACKS = [
     (["run_dir=RUN", "attack=relearn", "attack.lr=-1"], "attack.lr"),
     (["run_dir=RUN", "attack=prompt"], "no condition"),
     (["run_dir=RUN", "attack=prompt", "attack.radius=-0.1"], "attack.radius"),
+    (["run_dir=RUN", "attack=relearn", "attack.condition=both"], "attack.condition"),
+    (["run_dir=RUN", "attack=relearn", "attack.condition=concept"], "attack.condition=concept"),
 ]
 
 

@@ -1,7 +1,8 @@
 """``attack=relearn``: a few fine-tuning steps on a handful of concept images bring an erased concept
 back? The run's trainable weights (its LoRA adapters, or the whole network) are fine-tuned with the
 plain denoising loss on ``images`` samples of the unlearned concepts (real ones where the testbed
-has them) under the model's own condition, without guidance; after each of ``steps`` fine-tuning
+has them) under the model's own condition (``condition: retain``) or the concept's own
+(``condition: concept``: its prompt or class label), without guidance; after each of ``steps`` fine-tuning
 steps the concept's share (the family's judge) and its expected likelihood are measured on
 ``eval_samples`` samples (the same seeds at every step, for both sides)."""
 from __future__ import annotations
@@ -11,8 +12,11 @@ import torch.nn.functional as F
 
 from ..models.base import draw_conditions
 from ..utils import generator, progress
-from .base import Attack, number, positive, step_counts
+from ..models.diffusers_models import ConditionedView, recondition
+from .base import Attack, AttackError, number, positive, step_counts
 from .target import plain_view
+
+CONDITIONS = ("retain", "concept")
 
 
 class Relearn(Attack, kind="relearn"):
@@ -25,8 +29,17 @@ class Relearn(Attack, kind="relearn"):
         number(cfg, "likelihood_samples", int, 0)
         number(cfg, "likelihood_timesteps", int, 1)
         positive(cfg, "lr")
+        if str(cfg.condition) not in CONDITIONS:
+            raise AttackError(f"attack.condition must be one of {list(CONDITIONS)} (got {cfg.condition!r})")
 
     def cannot_run(self, target) -> str | None:
+        s = target.setup
+        if str(self.cfg.condition) == "concept" and (len(s.concepts) != 1 or not isinstance(s.concepts[0], ConditionedView)
+                                                     or not isinstance(s.model, ConditionedView)):
+            return (f"model {s.name}: attack.condition=concept needs one concept model with a condition of its own "
+                    f"(a prompt or class label; this run has {len(s.concepts)} concept models"
+                    f"{'' if not s.concepts or isinstance(s.concepts[0], ConditionedView) else ' without one'}); "
+                    f"accepted: attack.condition=retain")
         if target.composed:
             return (f"{target.run_dir}: the run's result is a composed score (RU dual-only, no weights were "
                     f"trained), so there is nothing to fine-tune; accepted: a run with trained weights (e.g. "
@@ -51,6 +64,8 @@ class Relearn(Attack, kind="relearn"):
         params = target.trainable()
         data, source = target.concept_samples(int(c.images), generator(seed))
         view = plain_view(model)
+        if str(c.condition) == "concept":  # the trainable model under the concept's own prompt or label
+            view = recondition(view, plain_view(target.setup.concepts[0]).cond)
         schedule = target.setup.schedule
         opt = torch.optim.AdamW(params, lr=float(c.lr), weight_decay=0.0)
         checkpoints = step_counts(c, "fine-tuning")
@@ -72,7 +87,8 @@ class Relearn(Attack, kind="relearn"):
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        return {"curve": curve, "data": {"images": len(data), "source": source}, "loss_first_last":
+        return {"curve": curve, "data": {"images": len(data), "source": source, "condition": str(c.condition)},
+                "loss_first_last":
                 [losses[0], losses[-1]] if losses else []}
 
     def compare(self, pretrained: dict, unlearned: dict) -> dict:
