@@ -240,7 +240,8 @@ def test_ru_with_a_threshold_per_concept_finds_the_oracle_multipliers():
     g = GaussianMixture(m["means"], m["stds"], m["weights"])
     f, o, mu, values, thr, extra = _default_ru(g, m["unlearn"], 1.5, threshold_reference="each")
     pre = ReverseKLUnlearning.oracle_pretrained_values(o)
-    b = 1.5 * pre
+    b = ReverseKLUnlearning.oracle_thresholds(o, 1.5, "each")  # the oracle's, by the run's own rule
+    assert np.allclose(b, 1.5 * pre) and not np.allclose(b, o.thresholds("ru", 1.5))
     opt = o.optimal_multipliers("ru", b)
     assert np.all(opt > 3e-3) and o.optimal_multipliers("ru", o.thresholds("ru", 1.5))[1] < 1e-4
     assert np.allclose(thr.numpy(), b, rtol=0.05), (thr, b)  # estimated pretrained KLs, each its own threshold

@@ -319,9 +319,7 @@ class ReverseKLUnlearning(Formulation):
     def factor_thresholds(self, pretrained):
         """The paper's: ``threshold_factor`` times the mean pretrained-to-concept KL, one value for every
         concept; ``threshold_reference: each``: times each concept's own pretrained KL."""
-        if str(self.cfg.threshold_reference) == "each":
-            return self.factor * pretrained
-        return torch.full_like(pretrained, self.factor * float(pretrained.mean()))
+        return factored(pretrained, self.factor, str(self.cfg.threshold_reference))
 
     def estimate(self, multipliers):
         if self.estimator == "ratio" and not self.distilled:
@@ -442,12 +440,10 @@ class ReverseKLUnlearning(Formulation):
         return oracle.ru_values(multipliers)
 
     @classmethod
-    def oracle_thresholds(cls, oracle, factor):
-        """A shared threshold: ``factor`` times the mean pretrained KL (as :meth:`thresholds`)."""
-        import numpy as np
-
-        pre = cls.oracle_pretrained_values(oracle)
-        return np.full(len(pre), factor * pre.mean())
+    def oracle_thresholds(cls, oracle, factor, reference: str = "mean"):
+        """The exact thresholds by the run's own rule (:meth:`factor_thresholds`): ``factor`` times the
+        mean pretrained KL (shared), or (``reference="each"``) times each concept's own."""
+        return factored(cls.oracle_pretrained_values(oracle), factor, reference)
 
     @classmethod
     def oracle_dual(cls, oracle, multipliers, thresholds):
@@ -456,3 +452,9 @@ class ReverseKLUnlearning(Formulation):
     @classmethod
     def oracle_multipliers(cls, oracle, thresholds):
         return oracle.solve_dual(oracle.ru_dual, thresholds, oracle.ru_upper_bounds(), max_sum=0.98, name=cls.name)
+
+
+def factored(pretrained, factor: float, reference: str):
+    """``factor`` times the pretrained values (``each``) or times their mean, shared (``mean``); a
+    tensor or an array in, the same out."""
+    return factor * pretrained if reference == "each" else pretrained * 0 + factor * float(pretrained.mean())
