@@ -13,7 +13,7 @@ from conftest import compose_cfg
 RELEARN_FAST = ["attack=relearn", "attack.steps=[0,3,12]", "attack.eval_samples=256", "attack.likelihood_samples=64",
                 "progress=false"]
 PROMPT_FAST = ["attack=prompt", "attack.steps=[0,2]", "attack.eval_seeds=8", "attack.batch_size=4",
-               "attack.sampler_steps=2", "attack.images=4", "progress=false"]
+               "attack.sampler_steps=2", "attack.images=4", "attack.restarts=1", "progress=false"]
 
 
 def _run(tmp_path_factory, name, overrides):
@@ -147,6 +147,16 @@ def test_relearning_under_the_concepts_own_label_fine_tunes_that_label(digits_ru
     assert c0[0]["share"] == r0[0]["share"]  # the same model before fine-tuning
     # the fine-tuning itself differs: same data and seeds, another label in the denoising loss
     assert concept["unlearned"]["loss_first_last"] != retain["unlearned"]["loss_first_last"]
+
+
+def test_the_prompt_attack_reports_the_restart_its_own_loss_prefers(digits_run):
+    one = _attack(digits_run, PROMPT_FAST + ["attack.name=prompt_one"])["unlearned"]["objectives"]
+    three = _attack(digits_run, PROMPT_FAST + ["attack.restarts=3", "attack.name=prompt_three"])["unlearned"]["objectives"]
+    for obj, r in three.items():
+        finals = [x["final_loss"] for x in r["restarts"]]
+        assert len(finals) == 3 and len(set(finals)) == 3  # each restart its own noise
+        assert r["restart"] == finals.index(min(finals)) and r["loss_first_last"][-1] == min(finals)
+        assert finals[0] == one[obj]["loss_first_last"][-1]  # restart 0 is the single run
 
 
 def test_the_prompt_attack_keeps_its_condition_within_the_radius(digits_run):

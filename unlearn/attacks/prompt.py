@@ -31,7 +31,7 @@ class PromptAttack(Attack, kind="prompt"):
         if not obj or any(o not in OBJECTIVES for o in obj):
             raise AttackError(f"attack.objectives must list some of {list(OBJECTIVES)} (got {cfg.objectives!r})")
         step_counts(cfg, "optimisation")
-        for key in ("batch_size", "sampler_steps", "images", "eval_seeds"):
+        for key in ("batch_size", "sampler_steps", "images", "eval_seeds", "restarts"):
             number(cfg, key, int, 1)
         positive(cfg, "lr")
         radius(cfg)
@@ -54,21 +54,30 @@ class PromptAttack(Attack, kind="prompt"):
             clean = target.judge.share(target.sample(model, int(c.eval_seeds), eval_seed))
             out = {"clean_share": clean, "objectives": {}}
             for obj in (list(c.objectives) if not isinstance(c.objectives, str) else [c.objectives]):
-                out["objectives"][obj] = self._attack(target, model, obj, seed, eval_seed, side)
+                out["objectives"][obj] = self._best_of(target, model, obj, seed, eval_seed, side)
             return out
 
-    def _attack(self, target, model, objective: str, seed: int, eval_seed: int, side: str) -> dict:
+    def _best_of(self, target, model, objective: str, seed: int, eval_seed: int, side: str) -> dict:
+        """``restarts`` runs of the attack from the retain condition, each with its own noise, and the one
+        whose own objective ended lowest (what an attacker can see: not the held-out seeds' judgement)."""
+        runs = [self._attack(target, model, objective, seed, eval_seed, side, r) for r in range(int(self.cfg.restarts))]
+        final = [r["loss_first_last"][-1] if r["loss_first_last"] else 0.0 for r in runs]
+        best = min(range(len(runs)), key=final.__getitem__)
+        return {**runs[best], "restart": best, "restarts": [
+            {"final_loss": f, "attack_success_rate": r["attack_success_rate"]} for f, r in zip(final, runs)]}
+
+    def _attack(self, target, model, objective: str, seed: int, eval_seed: int, side: str, restart: int = 0) -> dict:
         c, s = self.cfg, target.setup
         soft = s.soft_condition()
         try:
             opt = torch.optim.Adam(soft.parameters(), lr=float(c.lr))
-            gen = generator(seed + 7)
+            gen = generator(seed + 7 + 1009 * restart)  # restart 0: the single run's noise
             fast = GaussianSampler(s.schedule, num_steps=int(c.sampler_steps), kind="ddim", eta=0.0)
             data = target.concept_samples(int(c.images), generator(seed))[0] if objective == "inversion" else None
             bound = radius(c)
             losses, curve = [], []
             checkpoints = step_counts(c, "optimisation")
-            for step in progress(range(checkpoints[-1] + 1), desc=f"prompt attack, {objective} ({side})",
+            for step in progress(range(checkpoints[-1] + 1), desc=f"prompt attack, {objective} ({side}, {restart})",
                                  enabled=self.show):
                 if step in checkpoints:
                     with torch.no_grad():
