@@ -272,6 +272,7 @@ def test_a_run_written_before_a_config_key_existed_is_attacked_with_its_default(
     shutil.copytree(gmm_run, old, ignore=shutil.ignore_patterns("attacks"))
     cfg = yaml.safe_load((old / "config.yaml").read_text())
     del cfg["formulation"]["robust"]  # as a run of an earlier version wrote it
+    cfg["method"]["multiplier"] = 0.1  # a key the defaults lack: a strength sweep's job writes it for every method
     (old / "config.yaml").write_text(yaml.safe_dump(cfg))
     args = [f"run_dir={old}", *RELEARN_FAST, "attack.steps=[0,1]", "num_threads=1"]
     (r,) = run_cli_batch([(args, tmp_path)], tmp_path, entry="attack")  # through attack.py's Hydra app

@@ -185,6 +185,7 @@ def fill_new_keys(cfg):
                  and not any(k.startswith(h + ".") for h in have))
     if not new:
         return cfg, []
+    OmegaConf.set_struct(base, False)  # keys the run has and the defaults lack (a sweep's, e.g. method.multiplier) stay
     merged = OmegaConf.merge(base, cfg)
     return merged, new
 
