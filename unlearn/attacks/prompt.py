@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.diffusers_models import recondition
-from ..models.soft_conditions import ascent_step, weights_fixed
+from ..models.soft_conditions import ascent_step, check_radius, weights_fixed
 from ..samplers import GaussianSampler
 from ..utils import generator, progress
 from .base import Attack, AttackError, number, positive, step_counts
@@ -125,9 +125,4 @@ class PromptAttack(Attack, kind="prompt"):
 def radius(cfg) -> float | None:
     """``attack.radius``: null (unbounded) or a number > 0, each row of the soft condition kept within
     that many times its starting norm of the retain condition (:meth:`SoftCondition.project`)."""
-    v = cfg.radius
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise AttackError(f"attack.radius must be null (unbounded) or a number > 0 (got {v!r})")
-    return float(v)
+    return check_radius(cfg.radius, "attack.radius", AttackError)

@@ -94,9 +94,10 @@ class LikelihoodUnlearning(Formulation):
             raise ConfigError(f"formulation.robust.steps > 0 needs formulation.gradient=weighted (got {f.gradient!r})")
         if rb.steps > 0 and not 0.0 <= float(rb.share) < 1.0:
             raise ConfigError(f"formulation.robust.share must be in [0, 1) (got {rb.share!r})")
-        r = rb.radius
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0):
-            raise ConfigError(f"formulation.robust.radius must be null (unbounded) or a number > 0 (got {r!r})")
+        if rb.radius is not None:  # (soft_conditions loads the diffusers classes: only when there is a radius)
+            from ..models.soft_conditions import check_radius
+
+            check_radius(rb.radius, "formulation.robust.radius")
         if not isinstance(f.weighted_anchor, bool):
             raise ConfigError(f"formulation.weighted_anchor must be true or false (got {f.weighted_anchor!r})")
         tmin = f.weighted_correction_min_t
@@ -421,7 +422,7 @@ class Adversary:
     primal also fits the model under that condition to the retain prompt's target (``robust.share``)."""
 
     def __init__(self, rc, setup, gen):
-        from ..models.soft_conditions import SoftCondition
+        from ..models.soft_conditions import SoftCondition, check_radius
         from ..samplers import GaussianSampler
 
         judge = setup.concept_judge
@@ -431,7 +432,7 @@ class Adversary:
                               f"{'no condition' if setup.soft_condition is None else 'no such judge'}); accepted: "
                               f"formulation.robust.steps=0, or model=digits / digits_sd")
         self.steps, self.batch, self.gen = int(rc.steps), int(rc.batch_size), gen
-        self.radius = None if rc.radius is None else float(rc.radius)
+        self.radius = check_radius(rc.radius, "formulation.robust.radius")
         self.log_prob = judge.log_prob
         self.soft: SoftCondition = setup.soft_condition()
         self.opt = torch.optim.Adam(self.soft.parameters(), lr=float(rc.lr))

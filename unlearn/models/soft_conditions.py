@@ -164,6 +164,18 @@ class _SoftLabels:
         return out
 
 
+def check_radius(value, key: str, error=None) -> float | None:
+    """A perturbation budget for :meth:`SoftCondition.project`: ``None`` (unbounded) or a number > 0 as a
+    float, else one ``error`` line (default :class:`~unlearn.config.ConfigError`) naming ``key``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        from ..config import ConfigError
+
+        raise (error or ConfigError)(f"{key} must be null (unbounded) or a number > 0 (got {value!r})")
+    return float(value)
+
+
 @contextlib.contextmanager
 def weights_fixed(model):
     """``model``'s trainable weights without gradients inside (only a soft condition learns), restored after."""
